@@ -1,0 +1,366 @@
+"""CLIP (Radford et al. 2021): a ViT image tower and a text transformer.
+
+Parameter names and shapes follow OpenAI's released checkpoints, so their files load
+unchanged; the architecture is read off the tensor shapes (ViT-B/32, ViT-B/16, ViT-L/14).
+Beyond the usual embeddings, the image tower can return what Text2LIVE needs, all
+differentiable w.r.t. the input image:
+  - the patch tokens of the deepest block (structure loss, self-similarity),
+  - per-block attention probabilities that keep their graph (relevancy maps),
+  - any input size and aspect ratio, by bicubic interpolation of the position embeddings.
+"""
+
+import math
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from util.downloads import DownloadError, fetch_verified
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# Released ViT checkpoints: the SHA-256 of each file is part of its public URL.
+_URL_ROOT = "https://openaipublic.azureedge.net/clip/models"
+CLIP_CHECKPOINTS = {
+    "ViT-B/32": "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af",
+    "ViT-B/16": "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f",
+    "ViT-L/14": "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836",
+}
+
+
+def checkpoint_url(name: str) -> str:
+    filename = name.replace("/", "-") + ".pt"
+    return f"{_URL_ROOT}/{CLIP_CHECKPOINTS[name]}/{filename}"
+
+
+# ----------------------------------------------------------------------------------------
+# Building blocks
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 whatever the input dtype (as the released models)."""
+
+    def forward(self, x):
+        return super().forward(x.float()).to(x.dtype)
+
+
+class QuickGELU(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class MultiheadSelfAttention(nn.Module):
+    """Self-attention with OpenAI's parameter names (in_proj_*, out_proj).
+
+    With keep_probs=True the softmax probabilities are computed explicitly and returned,
+    still attached to the graph, so a relevancy map can take gradients w.r.t. them.
+    Otherwise the fused kernel is used.
+    """
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x, causal: bool = False, keep_probs: bool = False):
+        B, N, W = x.shape  # [B, N, W]
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # [B, N, 3W]
+        qkv = qkv.view(B, N, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]  # each [B, h, N, d]
+        probs = None
+        if keep_probs:
+            scores = (q * (q.shape[-1] ** -0.5)) @ k.transpose(-2, -1)  # [B, h, N, N]
+            if causal:
+                mask = torch.ones(N, N, dtype=torch.bool, device=x.device).triu(1)
+                scores = scores.masked_fill(mask, float("-inf"))
+            probs = scores.softmax(dim=-1)
+            out = probs @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        out = out.transpose(1, 2).reshape(B, N, W)
+        return self.out_proj(out), probs
+
+
+class ResidualAttentionBlock(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.ln_1 = LayerNorm(width)
+        self.attn = MultiheadSelfAttention(width, heads)
+        self.ln_2 = LayerNorm(width)
+        self.mlp = nn.Sequential()
+        self.mlp.add_module("c_fc", nn.Linear(width, 4 * width))
+        self.mlp.add_module("gelu", QuickGELU())
+        self.mlp.add_module("c_proj", nn.Linear(4 * width, width))
+
+    def forward(self, x, causal: bool = False, keep_probs: bool = False):
+        attn_out, probs = self.attn(self.ln_1(x), causal=causal, keep_probs=keep_probs)
+        x = x + attn_out
+        x = x + self.mlp(self.ln_2(x))
+        return x, probs
+
+
+class Transformer(nn.Module):
+    def __init__(self, width: int, layers: int, heads: int):
+        super().__init__()
+        self.width = width
+        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads) for _ in range(layers)])
+
+    def forward(self, x, causal: bool = False, keep_probs_from: int | None = None):
+        """x: [B, N, W]. Attention probabilities are kept for blocks index >= keep_probs_from."""
+        all_probs = []
+        for i, block in enumerate(self.resblocks):
+            keep = keep_probs_from is not None and i >= keep_probs_from
+            x, probs = block(x, causal=causal, keep_probs=keep)
+            if keep:
+                all_probs.append(probs)
+        return x, all_probs
+
+
+# ----------------------------------------------------------------------------------------
+# Image tower
+
+
+@dataclass
+class ImageFeatures:
+    embedding: torch.Tensor  # [B, E] projected CLS embedding (not normalised)
+    tokens: torch.Tensor | None = None  # [B, gh*gw, W] patch tokens of the deepest block
+    grid: tuple[int, int] | None = None  # (gh, gw) patch grid of the tokens
+    attentions: list | None = None  # per kept block: [B, heads, 1+gh*gw, 1+gh*gw]
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, input_resolution: int, patch_size: int, width: int, layers: int,
+                 heads: int, output_dim: int):
+        super().__init__()
+        self.input_resolution = input_resolution
+        self.patch_size = patch_size
+        self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
+        scale = width ** -0.5
+        grid = input_resolution // patch_size
+        self.class_embedding = nn.Parameter(scale * torch.randn(width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, width))
+        self.ln_pre = LayerNorm(width)
+        self.transformer = Transformer(width, layers, heads)
+        self.ln_post = LayerNorm(width)
+        self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
+
+    def position_embedding_for(self, gh: int, gw: int):
+        """Position embeddings for a gh x gw patch grid: [1 + gh*gw, W].
+
+        The stored grid is returned untouched, so a 224x224 input gives exactly the
+        original model's result; other grids use bicubic interpolation.
+        """
+        pos = self.positional_embedding
+        g = int(round(math.sqrt(pos.shape[0] - 1)))
+        if (gh, gw) == (g, g):
+            return pos
+        cls_pos, patch_pos = pos[:1], pos[1:]
+        patch_pos = patch_pos.reshape(1, g, g, -1).permute(0, 3, 1, 2)  # [1, W, g, g]
+        patch_pos = F.interpolate(patch_pos.float(), size=(gh, gw), mode="bicubic", align_corners=False)
+        patch_pos = patch_pos.to(pos.dtype).permute(0, 2, 3, 1).reshape(gh * gw, -1)
+        return torch.cat([cls_pos, patch_pos], dim=0)
+
+    def forward(self, x, return_tokens: bool = False, keep_probs_from: int | None = None) -> ImageFeatures:
+        """x: normalised images [B, 3, H, W], any H, W >= patch size."""
+        x = self.conv1(x.to(self.conv1.weight.dtype))  # [B, W, gh, gw]
+        B, W, gh, gw = x.shape
+        x = x.flatten(2).transpose(1, 2)  # [B, gh*gw, W]
+        cls = self.class_embedding.to(x.dtype).expand(B, 1, W)
+        x = torch.cat([cls, x], dim=1) + self.position_embedding_for(gh, gw).to(x.dtype)
+        x = self.ln_pre(x)
+        x, probs = self.transformer(x, keep_probs_from=keep_probs_from)  # [B, 1+gh*gw, W]
+        embedding = self.ln_post(x[:, 0]) @ self.proj  # [B, E]
+        return ImageFeatures(
+            embedding=embedding,
+            tokens=x[:, 1:] if return_tokens else None,
+            grid=(gh, gw),
+            attentions=probs if keep_probs_from is not None else None,
+        )
+
+
+# ----------------------------------------------------------------------------------------
+# CLIP
+
+
+class CLIP(nn.Module):
+    def __init__(self, embed_dim: int, image_resolution: int, vision_layers: int, vision_width: int,
+                 vision_patch_size: int, context_length: int, vocab_size: int,
+                 transformer_width: int, transformer_heads: int, transformer_layers: int):
+        super().__init__()
+        self.context_length = context_length
+        self.visual = VisionTransformer(
+            input_resolution=image_resolution, patch_size=vision_patch_size, width=vision_width,
+            layers=vision_layers, heads=max(1, vision_width // 64), output_dim=embed_dim)
+        self.transformer = Transformer(transformer_width, transformer_layers, transformer_heads)
+        self.token_embedding = nn.Embedding(vocab_size, transformer_width)
+        self.positional_embedding = nn.Parameter(torch.empty(context_length, transformer_width))
+        self.ln_final = LayerNorm(transformer_width)
+        self.text_projection = nn.Parameter(torch.empty(transformer_width, embed_dim))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.initialize_parameters()
+
+    def initialize_parameters(self):
+        """Random initialisation in the spirit of the original (used for tests and benchmarks)."""
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        for tower in (self.transformer, self.visual.transformer):
+            w = tower.width
+            proj_std = (w ** -0.5) * ((2 * len(tower.resblocks)) ** -0.5)
+            for block in tower.resblocks:
+                nn.init.normal_(block.attn.in_proj_weight, std=w ** -0.5)
+                nn.init.zeros_(block.attn.in_proj_bias)
+                nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+                nn.init.zeros_(block.attn.out_proj.bias)
+                nn.init.normal_(block.mlp.c_fc.weight, std=(2 * w) ** -0.5)
+                nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+        nn.init.normal_(self.text_projection, std=self.transformer.width ** -0.5)
+
+    @property
+    def dtype(self):
+        return self.visual.conv1.weight.dtype
+
+    @property
+    def input_resolution(self) -> int:
+        return self.visual.input_resolution
+
+    @staticmethod
+    def normalize(images):
+        """Pixel images in [0, 1], [B, 3, H, W] -> CLIP's normalised input."""
+        mean = torch.tensor(CLIP_MEAN, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+        std = torch.tensor(CLIP_STD, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+        return (images - mean) / std
+
+    def image_features(self, images, return_tokens=False, keep_probs_from=None) -> ImageFeatures:
+        """images: pixel values in [0, 1], [B, 3, H, W]."""
+        return self.visual(self.normalize(images), return_tokens=return_tokens,
+                           keep_probs_from=keep_probs_from)
+
+    def encode_image(self, images):
+        """images: pixel values in [0, 1], [B, 3, H, W] -> [B, E]."""
+        return self.image_features(images).embedding
+
+    def encode_text(self, tokens):
+        """tokens: [B, context_length] ids from models.tokenizer.tokenize -> [B, E]."""
+        x = self.token_embedding(tokens).to(self.dtype) + self.positional_embedding.to(self.dtype)
+        x, _ = self.transformer(x, causal=True)
+        x = self.ln_final(x)
+        eot = tokens.argmax(dim=-1)  # the end token has the largest id
+        return x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection
+
+    def forward(self, images, tokens):
+        """Image-text logits [B_img, B_txt] (images in [0, 1])."""
+        img = F.normalize(self.encode_image(images), dim=-1)
+        txt = F.normalize(self.encode_text(tokens), dim=-1)
+        return self.logit_scale.exp() * img @ txt.t()
+
+
+# ----------------------------------------------------------------------------------------
+# Building from a state dict and loading files
+
+PRESETS = {
+    "ViT-B/32": dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
+                     vision_patch_size=32, context_length=77, vocab_size=49408,
+                     transformer_width=512, transformer_heads=8, transformer_layers=12),
+    # A tiny model of the same class for tests: same patch size, token layout and vocabulary.
+    "tiny": dict(embed_dim=64, image_resolution=224, vision_layers=12, vision_width=128,
+                 vision_patch_size=32, context_length=77, vocab_size=49408,
+                 transformer_width=64, transformer_heads=1, transformer_layers=2),
+}
+
+
+def random_clip(preset: str = "ViT-B/32", seed: int = 0) -> CLIP:
+    """A randomly initialised CLIP of a known shape (tests and benchmarks; no download)."""
+    torch.manual_seed(seed)
+    return CLIP(**PRESETS[preset])
+
+
+def _count_blocks(state_dict, prefix):
+    return len({k.split(".")[len(prefix.split("."))] for k in state_dict
+                if k.startswith(prefix) and k.endswith(".attn.in_proj_weight")})
+
+
+def build_model(state_dict: dict) -> CLIP:
+    """Build a CLIP whose architecture is read off the tensor shapes, and load the weights."""
+    required = ["visual.conv1.weight", "visual.positional_embedding", "visual.proj",
+                "text_projection", "positional_embedding", "token_embedding.weight", "ln_final.weight"]
+    for key in required:
+        if key not in state_dict:
+            raise ValueError(f"not an OpenAI CLIP ViT checkpoint: key '{key}' is missing "
+                             "(ResNet CLIP models are not supported; use a ViT model)")
+    conv = state_dict["visual.conv1.weight"]
+    vision_width, patch = conv.shape[0], conv.shape[-1]
+    grid = int(round(math.sqrt(state_dict["visual.positional_embedding"].shape[0] - 1)))
+    transformer_width = state_dict["ln_final.weight"].shape[0]
+    model = CLIP(
+        embed_dim=state_dict["text_projection"].shape[1],
+        image_resolution=patch * grid,
+        vision_layers=_count_blocks(state_dict, "visual.transformer.resblocks"),
+        vision_width=vision_width,
+        vision_patch_size=patch,
+        context_length=state_dict["positional_embedding"].shape[0],
+        vocab_size=state_dict["token_embedding.weight"].shape[0],
+        transformer_width=transformer_width,
+        transformer_heads=max(1, transformer_width // 64),
+        transformer_layers=_count_blocks(state_dict, "transformer.resblocks"),
+    )
+    weights = {k: v for k, v in state_dict.items()
+               if k not in ("input_resolution", "context_length", "vocab_size")}
+    model.load_state_dict(weights, strict=True)
+    return model
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any("/code/" in name or name.startswith("code/") for name in archive.namelist())
+
+
+def read_state_dict(path) -> dict:
+    """State dict from a TorchScript archive (as OpenAI ships) or a plain torch.save file."""
+    path = Path(path)
+    try:
+        if _is_torchscript(path):
+            state_dict = torch.jit.load(str(path), map_location="cpu").state_dict()
+        else:
+            state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt or foreign file: say which and why, in one line
+        raise ValueError(f"cannot read CLIP checkpoint {path}: {type(e).__name__}: {e}".splitlines()[0]) from e
+    for key in ("state_dict", "model"):
+        if isinstance(state_dict, dict) and key in state_dict and isinstance(state_dict[key], dict):
+            state_dict = state_dict[key]
+    if not isinstance(state_dict, dict):
+        raise ValueError(f"cannot read CLIP checkpoint {path}: expected a state dict, got {type(state_dict).__name__}")
+    return dict(state_dict)
+
+
+def resolve_checkpoint(name_or_path: str) -> Path:
+    """A released name ("ViT-B/32") -> cached/downloaded file; anything else must be a file."""
+    if name_or_path in CLIP_CHECKPOINTS:
+        filename = name_or_path.replace("/", "-") + ".pt"
+        return fetch_verified(filename, checkpoint_url(name_or_path), CLIP_CHECKPOINTS[name_or_path],
+                              desc=f"CLIP {name_or_path}")
+    path = Path(os.path.expanduser(name_or_path))
+    if path.is_file():
+        return path
+    names = ", ".join(CLIP_CHECKPOINTS)
+    raise FileNotFoundError(f"clip_model_name '{name_or_path}' is neither a released model ({names}) "
+                            "nor an existing file; fix clip_model_name")
+
+
+def load_clip(name_or_path: str = "ViT-B/32", device="cpu") -> CLIP:
+    """A frozen CLIP in eval mode, float32, on `device`."""
+    model = build_model(read_state_dict(resolve_checkpoint(name_or_path)))
+    model = model.float().eval().requires_grad_(False)
+    return model.to(device)
+
+
+__all__ = ["CLIP", "ImageFeatures", "load_clip", "build_model", "read_state_dict", "random_clip",
+           "resolve_checkpoint", "checkpoint_url", "CLIP_MEAN", "CLIP_STD", "DownloadError"]
