@@ -1,0 +1,299 @@
+"""Configs: YAML defaults, an example config on top, key=value overrides, validation.
+
+Defaults and their documentation live in configs/<kind>_config.yaml; this module is the
+one place that checks values. Every problem is reported as a ConfigError with a one-line
+message that names the key and how to fix it.
+"""
+
+import argparse
+import difflib
+import re
+from pathlib import Path
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO_ROOT / "configs"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+# ---- value rules --------------------------------------------------------------------------
+# type: bool | int | float | str | text (a string or list of strings) | any
+# Keys absent here take the type of their default; None defaults need an entry.
+PROB = dict(type="float", min=0.0, max=1.0)
+COVER = dict(type="float", min=0.01, max=1.0)
+POSITIVE = dict(type="float", min=0.0, exclusive_min=True)
+NONNEG = dict(type="float", min=0.0)
+
+RULES = {
+    "image_path": dict(type="str", nullable=True),
+    "video_path": dict(type="str", nullable=True),
+    "checkpoint_path": dict(type="str", nullable=True),
+    "resume": dict(type="str", nullable=True),
+    "render": dict(type="str", nullable=True),
+    "results_folder": dict(type="str"),
+    "wandb_entity": dict(type="str", nullable=True),
+    "d_divisible_crops": dict(type="int", min=1),
+    "device": dict(type="str", pattern=r"auto|cpu|cuda(:\d+)?|mps"),
+    "seed": dict(type="int", min=-1),
+    "n_epochs": dict(type="int", min=0),
+    "log_images_freq": dict(type="int", min=1),
+    "comp_text": dict(type="text", nullable=True),
+    "src_text": dict(type="text", nullable=True),
+    "screen_text": dict(type="text", nullable=True),
+    "bootstrap_text": dict(type="text", nullable=True),
+    "bootstrap_negative_text": dict(type="text", nullable=True),
+    "bootstrap_negative_map_threshold": PROB,
+    "crops_min_cover": COVER,
+    "bootstrapping_min_cover": COVER,
+    "scale_min": POSITIVE,
+    "scale_max": POSITIVE,
+    "flip_p": PROB,
+    "jitter_p": PROB,
+    "clip_affine_transform_fill": PROB,
+    "n_aug": dict(type="int", min=1),
+    "text_criterion": dict(type="str", choices=["spherical", "cosine"]),
+    "structure_loss": dict(type="str", choices=["mse", "fro"]),
+    "bootstrap_scheduler": dict(type="str", choices=["linear", "exponential", "none"]),
+    "relevancy_num_layers": dict(type="int", min=-1),
+    "optimizer": dict(type="str", choices=["madgrad", "adam", "radam", "rmsprop", "sgd"]),
+    "scheduler_policy": dict(type="str", choices=["exponential", "none"]),
+    "lr": POSITIVE,
+    "momentum": dict(type="float", min=0.0, max=1.0, exclusive_max=True),
+    "weight_decay": NONNEG,
+    "gamma": dict(type="float", min=0.0, max=1.0, exclusive_min=True),
+    "min_lr": NONNEG,
+    "num_scales": dict(type="int", min=1, max=12),
+    "skip_n33d": dict(type="int", min=1),
+    "skip_n33u": dict(type="int", min=1),
+    "skip_n11": dict(type="int", min=0),
+    "lambda_composition": NONNEG,
+    "lambda_screen": NONNEG,
+    "lambda_structure": NONNEG,
+    "lambda_sparsity": NONNEG,
+    "lambda_alpha_l1": NONNEG,
+    "lambda_alpha_l0": NONNEG,
+    "lambda_bootstrap": NONNEG,
+    "lambda_bootstrap_min": NONNEG,
+}
+
+TYPE_NAMES = {"bool": "true/false", "int": "an integer", "float": "a number", "str": "a string",
+              "text": "a string or a list of strings", "any": "a value"}
+
+
+def _rule_for(key, default):
+    rule = dict(RULES.get(key, {}))
+    if "type" not in rule:
+        if isinstance(default, bool):
+            rule["type"] = "bool"
+        elif isinstance(default, int):
+            rule["type"] = "int"
+        elif isinstance(default, float):
+            rule["type"] = "float"
+        elif isinstance(default, str):
+            rule["type"] = "str"
+        else:
+            rule["type"] = "any"
+            rule["nullable"] = True
+    return rule
+
+
+def _check_value(key, value, rule):
+    """Return the value, converted where harmless (int -> float); raise ConfigError otherwise."""
+    kind = rule["type"]
+    if value is None:
+        if rule.get("nullable"):
+            return None
+        raise ConfigError(f"config key '{key}' must be {TYPE_NAMES[kind]}, not null")
+    wrong = ConfigError(f"config key '{key}' must be {TYPE_NAMES[kind]}, got {value!r} "
+                        f"({type(value).__name__})")
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise wrong
+    elif kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+            else:
+                raise wrong
+    elif kind == "float":
+        value = _number_or_text(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise wrong
+        value = float(value)
+    elif kind == "str":
+        if not isinstance(value, str):
+            raise wrong
+    elif kind == "text":
+        if isinstance(value, str):
+            pass
+        elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            value = list(value)
+        else:
+            raise wrong
+    if "choices" in rule and value not in rule["choices"]:
+        raise ConfigError(f"config key '{key}' must be one of {', '.join(rule['choices'])}; got {value!r}")
+    if "pattern" in rule and not re.fullmatch(rule["pattern"], value):
+        raise ConfigError(f"config key '{key}' has an invalid value {value!r} "
+                          f"(expected {rule['pattern'].replace('|', ', ')})")
+    if "min" in rule:
+        low = rule["min"]
+        if value < low or (rule.get("exclusive_min") and value == low):
+            op = ">" if rule.get("exclusive_min") else ">="
+            raise ConfigError(f"config key '{key}' must be {op} {low}; got {value}")
+    if "max" in rule:
+        high = rule["max"]
+        if value > high or (rule.get("exclusive_max") and value == high):
+            op = "<" if rule.get("exclusive_max") else "<="
+            raise ConfigError(f"config key '{key}' must be {op} {high}; got {value}")
+    return value
+
+
+# ---- reading ------------------------------------------------------------------------------
+
+def read_yaml(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold key: value pairs, not a {type(data).__name__}")
+    return data
+
+
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _number_or_text(value):
+    """PyYAML reads 1e-3 as a string (YAML 1.1); read such strings as the numbers they are."""
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        number = float(value)
+        return int(number) if number.is_integer() and "." not in value and "e" not in value.lower() else number
+    return value
+
+
+def parse_overrides(args) -> dict:
+    out = {}
+    for arg in args:
+        key, sep, text = arg.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"cannot read argument '{arg}': write overrides as key=value (e.g. n_epochs=300)")
+        try:
+            out[key.strip()] = _number_or_text(yaml.safe_load(text)) if text.strip() else None
+        except yaml.YAMLError:
+            out[key.strip()] = text
+    return out
+
+
+def merge(defaults: dict, update: dict, source: str) -> dict:
+    """Defaults updated with known keys only; an unknown key names the closest valid one."""
+    merged = dict(defaults)
+    for key, value in update.items():
+        if key not in defaults:
+            close = difflib.get_close_matches(str(key), list(defaults), n=1, cutoff=0.5)
+            hint = f"; did you mean '{close[0]}'?" if close else "; see the README's config reference"
+            raise ConfigError(f"unknown config key '{key}' in {source}{hint}")
+        merged[key] = value
+    return merged
+
+
+def validate(cfg: dict, defaults: dict) -> dict:
+    out = {}
+    for key, value in cfg.items():
+        out[key] = _check_value(key, value, _rule_for(key, defaults.get(key)))
+    return out
+
+
+def as_list(text) -> list:
+    """A text field (None, a string, or a list of strings) as a list of strings."""
+    if text is None:
+        return []
+    return [text] if isinstance(text, str) else list(text)
+
+
+def resolve_example(name: str, kind: str) -> Path:
+    """An example config: a path, or a name (with or without .yaml) in configs/<kind>_example_configs."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    folder = CONFIG_DIR / f"{kind}_example_configs"
+    candidate = folder / (name if name.endswith((".yaml", ".yml")) else name + ".yaml")
+    if candidate.is_file():
+        return candidate
+    known = sorted(p.name for p in folder.glob("*.yaml"))
+    close = difflib.get_close_matches(path.name, known, n=1, cutoff=0.4)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    raise ConfigError(f"example config '{name}' not found; {hint}examples: {', '.join(known)}")
+
+
+def load_config(kind: str, config=None, example=None, overrides=()) -> dict:
+    """Defaults (configs/<kind>_config.yaml) <- `config` <- example <- overrides (key=value strings or a dict)."""
+    defaults = read_yaml(CONFIG_DIR / f"{kind}_config.yaml")
+    cfg = dict(defaults)
+    if config is not None:
+        cfg = merge(cfg, read_yaml(config), str(config))
+    if example is not None:
+        path = resolve_example(example, kind)
+        cfg = merge(cfg, read_yaml(path), str(path))
+        cfg["_example"] = path.stem
+    if overrides:
+        if not isinstance(overrides, dict):
+            overrides = parse_overrides(overrides)
+        cfg = merge(cfg, overrides, "the command line")
+    name = cfg.pop("_example", None) or (Path(config).stem if config else kind)
+    cfg = validate(cfg, defaults)
+    cfg["_name"] = name
+    return cfg
+
+
+def command_line(kind: str, description: str, argv=None):
+    """Parse `--config`, `--example_config` and key=value overrides; return the config dict."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", default=None,
+                        help=f"base config replacing configs/{kind}_config.yaml's values")
+    parser.add_argument("--example_config", default=None,
+                        help=f"example config name in configs/{kind}_example_configs/, or a path")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="override any config key")
+    args = parser.parse_args(argv)
+    return load_config(kind, args.config, args.example_config, args.overrides)
+
+
+def public(cfg: dict) -> dict:
+    """The config without internal entries (keys starting with '_'), for saving."""
+    return {k: v for k, v in cfg.items() if not k.startswith("_")}
+
+
+def check_texts(cfg: dict, required=("comp_text",), paired=("comp_text", "src_text")):
+    """Text fields: required ones non-empty, no blank entries, paired lists of compatible length."""
+    for key in ("comp_text", "src_text", "screen_text", "bootstrap_text", "bootstrap_negative_text"):
+        if key not in cfg:
+            continue
+        texts = as_list(cfg[key])
+        if key in required and not texts:
+            raise ConfigError(f"{key} is empty; give the edit's text, e.g. {key}='golden horse'")
+        if any(not t.strip() for t in texts):
+            raise ConfigError(f"{key} contains an empty prompt; remove it or write some text")
+    lengths = {len(as_list(cfg.get(k))) for k in paired if as_list(cfg.get(k))}
+    if len(lengths - {1}) > 1:
+        raise ConfigError(f"{' and '.join(paired)} pair by position: give them the same number of "
+                          f"texts (or one of them a single text); got lengths {sorted(lengths)}")
+
+
+def check_image_config(cfg: dict) -> None:
+    """Checks across keys for train_image.py (single values are checked by validate)."""
+    if cfg["render"] is None:
+        check_texts(cfg)
+        if cfg["image_path"] is None and cfg["resume"] is None:
+            raise ConfigError("image_path is not set; give the photo to edit, e.g. image_path=data/images/horse.jpg")
+    if cfg["scale_min"] > cfg["scale_max"]:
+        raise ConfigError(f"scale_min ({cfg['scale_min']}) must not exceed scale_max ({cfg['scale_max']})")
+    if cfg["use_negative_bootstrap"] and not as_list(cfg["bootstrap_negative_text"]):
+        raise ConfigError("use_negative_bootstrap is true but bootstrap_negative_text is empty; set it or turn it off")

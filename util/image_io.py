@@ -1,0 +1,132 @@
+"""Reading input photos and writing result images (PNG), with clear errors."""
+
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+SAMPLE_DATA_HINT = "python -m util.download_data  (downloads the paper's sample images, videos and NLA models into data/)"
+
+
+class InputError(ValueError):
+    pass
+
+
+def shared_data_root() -> Path:
+    """Real test/demo data kept beside the project: $TEXT2LIVE_SHARED_DATA or ../shared/data."""
+    default = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+    return Path(os.environ.get("TEXT2LIVE_SHARED_DATA", default))
+
+
+def resolve_data_path(path: str) -> str:
+    """A missing data/... path falls back to the same file under the shared data folder."""
+    p = Path(path)
+    if p.exists():
+        return path
+    parts = p.parts[1:] if p.parts[:1] == (".",) else p.parts
+    if parts[:1] == ("data",):
+        candidate = shared_data_root().joinpath(*parts[1:])
+        if candidate.exists():
+            print(f"{path} not found; using {candidate}")
+            return str(candidate)
+    return path
+
+
+def _skimage_photo(name: str) -> np.ndarray:
+    try:
+        import skimage.data
+    except ImportError as e:
+        raise InputError("image_path 'skimage:...' needs scikit-image: pip install scikit-image") from e
+    loader = getattr(skimage.data, name, None)
+    if loader is None or not callable(loader):
+        raise InputError(f"skimage.data has no photo '{name}'; try chelsea, coffee, rocket or astronaut")
+    return np.asarray(loader())
+
+
+def read_image(path) -> torch.Tensor:
+    """An RGB image in [0, 1] as [1, 3, H, W] float32.
+
+    Grayscale is expanded to RGB, transparency is composited over white, 16-bit files are
+    scaled by 65535; each such conversion is reported with a warning. EXIF orientation
+    is applied.
+    """
+    path = str(path)
+    if path.startswith("skimage:"):
+        array = _skimage_photo(path.split(":", 1)[1])
+        img = Image.fromarray(array)
+    else:
+        path = resolve_data_path(path)
+        if not os.path.exists(path):
+            raise InputError(f"image_path {path} does not exist; fix image_path "
+                             f"(the paper's sample data: {SAMPLE_DATA_HINT})")
+        if os.path.isdir(path):
+            raise InputError(f"image_path {path} is a folder; point image_path at an image file")
+        try:
+            img = Image.open(path)
+            img.load()
+        except (UnidentifiedImageError, OSError, SyntaxError) as e:
+            raise InputError(f"image_path {path} is not a readable image ({type(e).__name__}); "
+                             "use a JPEG or PNG file") from e
+        img = ImageOps.exif_transpose(img)
+    name = Path(path).name
+
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        array = np.asarray(img).astype(np.float32)
+        scale = 65535.0 if array.max() > 255 or mode.startswith("I;16") else 255.0
+        warnings.warn(f"{name}: {mode} image read as grayscale, scaled by 1/{int(scale)} and expanded to RGB")
+        array = np.repeat(np.clip(array / scale, 0, 1)[..., None], 3, axis=-1)
+        return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)[None].float()
+    if mode == "F":
+        raise InputError(f"{name}: floating-point images are not supported; save it as an 8- or 16-bit PNG")
+    if mode in ("P", "PA"):
+        img = img.convert("RGBA" if ("transparency" in img.info or mode == "PA") else "RGB")
+        mode = img.mode
+    if mode in ("RGBA", "LA", "La", "RGBa"):
+        warnings.warn(f"{name}: transparency composited over white (the edit is made on an opaque image)")
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img.convert("RGBA")).convert("RGB")
+    elif mode in ("L", "1"):
+        warnings.warn(f"{name}: grayscale image expanded to RGB")
+        img = img.convert("RGB")
+    elif mode != "RGB":
+        img = img.convert("RGB")
+    array = np.asarray(img, dtype=np.float32) / 255.0  # [H, W, 3]
+    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)[None]
+
+
+def resize_short_side(image: torch.Tensor, short_side: int) -> torch.Tensor:
+    """[B, C, H, W] resized (antialiased bicubic) so min(H, W) == short_side; <= 0 keeps it."""
+    H, W = image.shape[-2:]
+    if short_side <= 0 or min(H, W) == short_side:
+        return image
+    scale = short_side / min(H, W)
+    size = (max(1, round(H * scale)), max(1, round(W * scale)))
+    return F.interpolate(image, size=size, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+
+
+def to_uint8(image: torch.Tensor) -> np.ndarray:
+    """[1, C, H, W] or [C, H, W] in [0, 1] -> [H, W, C] uint8."""
+    if image.dim() == 4:
+        image = image[0]
+    array = image.detach().float().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
+    return array[..., 0] if array.shape[-1] == 1 else array
+
+
+def save_png(image: torch.Tensor, path) -> None:
+    """Write a [1, C, H, W] image (C = 1, 3 or 4) in [0, 1] as PNG, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".part.png")
+    os.close(fd)
+    try:
+        Image.fromarray(to_uint8(image)).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
