@@ -1,0 +1,37 @@
+"""Text2LIVE image editing.
+
+    python train_image.py --example_config golden_horse.yaml
+    python train_image.py --example_config golden_horse.yaml n_epochs=300 device=cpu seed=7
+    python train_image.py --config my_base.yaml --example_config my_edit.yaml
+    python train_image.py resume=results/golden_horse-20260101-120000
+    python train_image.py render=results/golden_horse-20260101-120000/model.pt image_path=other.jpg
+"""
+
+import sys
+from pathlib import Path
+
+from util.cli import run_cli
+from util.config import ConfigError, command_line, load_config, parse_overrides
+from util.image_training import render, train
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = command_line("image", __doc__.strip().splitlines()[0], argv)
+    if cfg["render"] is not None:
+        return render(cfg)
+    if cfg["resume"] is not None:
+        run_dir = Path(cfg["resume"])
+        if not (run_dir / "config.yaml").is_file() or not (run_dir / "checkpoints" / "last.pt").is_file():
+            raise ConfigError(f"resume={run_dir}: not a run folder with a checkpoint "
+                              "(needs config.yaml and checkpoints/last.pt)")
+        given = parse_overrides([a for a in argv if "=" in a and not a.startswith("-")])
+        given.pop("resume", None)  # the saved config, plus what this command line changes
+        cfg = load_config("image", config=run_dir / "config.yaml", overrides=given)
+        cfg["_name"] = run_dir.name
+        return train(cfg, run_dir=run_dir)
+    return train(cfg)
+
+
+if __name__ == "__main__":
+    run_cli(main)

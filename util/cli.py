@@ -1,0 +1,27 @@
+"""Running a command-line entry point: one-line errors and honest exit codes."""
+
+import sys
+import warnings
+
+from models.clip import DownloadError
+from models.tokenizer import PromptTooLongError
+from util.config import ConfigError
+from util.image_io import InputError
+
+USER_ERRORS = (ConfigError, InputError, DownloadError, FileNotFoundError, PromptTooLongError)
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    return f"warning: {message}\n"
+
+
+def run_cli(main, argv=None):
+    """Call main(argv); bad input exits with status 2 and a one-line 'error: ...' message."""
+    warnings.formatwarning = _one_line_warning
+    try:
+        main(argv)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
