@@ -248,8 +248,11 @@ def train(cfg: dict, run_dir: Path | None = None) -> Path:
     n_steps = cfg["n_epochs"]
     step = start
     bar = tqdm(range(start, n_steps), initial=start, total=n_steps, desc=run_dir.name, dynamic_ncols=True)
+    done, snapshot = start, None
     try:
         for step in bar:
+            # randomness a step consumes is rolled back if it is interrupted before its update
+            snapshot = (rng.getstate(), torch_gen.get_state(), torch.get_rng_state())
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
@@ -263,25 +266,28 @@ def train(cfg: dict, run_dir: Path | None = None) -> Path:
                 for name, value in logged.items():
                     logged_sum[name] = logged_sum.get(name, 0.0) + value / len(batch)
             optimizer.step()
-            row = {"step": step + 1, "total": total, "lr": lr, **logged_sum}
-            log.write(row)
-            if wandb_run is not None:
-                wandb_run.log(row, step=step + 1)
+            done, snapshot = step + 1, None
+            row = {"step": done, "total": total, "lr": lr, **logged_sum}
             if cfg["scheduler_policy"] == "exponential":
                 lr = max(cfg["min_lr"], cfg["gamma"] * lr)
+            log.write(row)
+            if wandb_run is not None:
+                wandb_run.log(row, step=done)
             bar.set_postfix(loss=f"{total:.4f}", lr=f"{lr:.2e}")
-            done = step + 1
             if done % cfg["log_images_freq"] == 0 and done < n_steps:
                 save_edit(render_edit(generator, image), run_dir / "intermediate" / f"step_{done:05d}")
                 save_atomic(checkpoint_state(done, generator, optimizer, lr, rng, torch_gen, cfg),
                             run_dir / "checkpoints" / "last.pt")
     except KeyboardInterrupt:
-        done = step  # the step in flight is not complete
         bar.close()
         log.close()
+        if snapshot is not None:
+            rng.setstate(snapshot[0])
+            torch_gen.set_state(snapshot[1])
+            torch.set_rng_state(snapshot[2])
         save_atomic(checkpoint_state(done, generator, optimizer, lr, rng, torch_gen, cfg),
                     run_dir / "checkpoints" / "last.pt")
-        print(f"\ninterrupted at step {done}; continue with: python train_image.py resume={run_dir}",
+        print(f"\ninterrupted after step {done}; continue with: python train_image.py resume={run_dir}",
               file=sys.stderr)
         raise
     bar.close()
