@@ -17,18 +17,23 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def conv_bn_act(c_in: int, c_out: int, kernel: int, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=kernel // 2),
-        nn.BatchNorm2d(c_out, track_running_stats=False),
-        nn.LeakyReLU(0.2, inplace=True),
-    )
+class ConvBNAct(nn.Module):
+    """conv -> BatchNorm -> LeakyReLU."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int = 1):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=kernel // 2)
+        self.bn = nn.BatchNorm2d(c_out, track_running_stats=False)
+        self.act = nn.LeakyReLU(0.2, inplace=True)
+
+    def forward(self, x):
+        return self.act(self.bn(self.conv(x)))
 
 
 class DownBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int):
         super().__init__()
-        self.body = nn.Sequential(conv_bn_act(c_in, c_out, 3, stride=2), conv_bn_act(c_out, c_out, 3))
+        self.body = nn.Sequential(ConvBNAct(c_in, c_out, 3, stride=2), ConvBNAct(c_out, c_out, 3))
 
     def forward(self, x):
         return self.body(x)
@@ -40,8 +45,8 @@ class UpBlock(nn.Module):
     def __init__(self, c_in: int, c_skip: int, c_out: int):
         super().__init__()
         self.bn = nn.BatchNorm2d(c_in + c_skip, track_running_stats=False)
-        self.conv3 = conv_bn_act(c_in + c_skip, c_out, 3)
-        self.conv1 = conv_bn_act(c_out, c_out, 1)
+        self.conv3 = ConvBNAct(c_in + c_skip, c_out, 3)
+        self.conv1 = ConvBNAct(c_out, c_out, 1)
 
     def forward(self, x, skip):
         x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
@@ -57,7 +62,7 @@ class Generator(nn.Module):
         downs, skips, ups = [], [], []
         c = in_channels
         for _ in range(num_scales):
-            skips.append(conv_bn_act(c, skip_n11, 1) if skip_n11 > 0 else None)
+            skips.append(ConvBNAct(c, skip_n11, 1) if skip_n11 > 0 else None)
             downs.append(DownBlock(c, skip_n33d))
             c = skip_n33d
         for level in reversed(range(num_scales)):
@@ -86,7 +91,7 @@ class Generator(nn.Module):
             x = down(x)  # [B, n33d, h_i/2, w_i/2]
         for up, skip in zip(self.ups, reversed(skips)):
             x = up(x, skip)
-        return torch.sigmoid(self.head(x)).contiguous()
+        return torch.sigmoid(self.head(x).float()).contiguous()
 
 
 def split_edit_layer(output):

@@ -18,9 +18,9 @@ def test_any_size_in_same_size_out_alpha_in_unit_range(size):
 def test_architecture_follows_the_config():
     g = Generator(num_scales=3, skip_n33d=16, skip_n33u=8, skip_n11=2)
     assert len(g.downs) == 3 and len(g.ups) == 3
-    assert g.downs[0].body[0][0].out_channels == 16
-    assert g.skips[0][0].out_channels == 2 and g.skips[0][0].kernel_size == (1, 1)
-    assert g.ups[-1].conv3[0].in_channels == 8 + 2 and g.head.out_channels == 4
+    assert g.downs[0].body[0].conv.out_channels == 16
+    assert g.skips[0].conv.out_channels == 2 and g.skips[0].conv.kernel_size == (1, 1)
+    assert g.ups[-1].conv3.conv.in_channels == 8 + 2 and g.head.out_channels == 4
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in g.modules())
     assert any(isinstance(m, torch.nn.LeakyReLU) for m in g.modules())
 

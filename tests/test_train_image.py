@@ -171,3 +171,15 @@ def test_generator_learns_on_a_fixed_problem(tiny_clip, cat_photo):
         opt.step()
     assert values[-1] < values[0] - 0.05
     assert all(p.grad is None for p in tiny_clip.parameters())
+
+
+@pytest.mark.parametrize("mode", ["off", "bf16"])
+def test_both_precisions_train_and_save_float32_outputs(mode, tiny_overrides):
+    from util.precision import resolve_precision
+    assert resolve_precision("off", torch.device("cpu")) is None
+    assert resolve_precision("bf16", torch.device("cpu")) is torch.bfloat16
+    run_dir = run(["--example_config", "chelsea_leopard", *tiny_overrides, "n_epochs=3", f"mixed_precision={mode}"])
+    rows = read_losses(run_dir)
+    assert all(np.isfinite(float(r["total"])) for r in rows)
+    weights = torch.load(run_dir / "model.pt")["generator"]
+    assert all(v.dtype == torch.float32 for v in weights.values() if v.is_floating_point())

@@ -18,6 +18,7 @@ from models.tokenizer import tokenize
 from util import losses
 from util.clip_views import make_views, sample_view_params, view_size
 from util.config import as_list
+from util.precision import autocast, resolve_precision
 from util.relevancy import bootstrap_target
 
 BOOTSTRAP_SIZE = 224
@@ -47,6 +48,7 @@ class Text2LiveLoss:
         negative = as_list(cfg.get("bootstrap_negative_text")) if cfg.get("use_negative_bootstrap") else []
         self.negative_emb = encode_texts(clip, negative, ["{}"], device)[:, 0] if negative else None
         self.n_texts = max(e.shape[0] for e in (self.comp_emb, self.src_emb, self.screen_emb) if e is not None)
+        self.precision = resolve_precision(cfg.get("mixed_precision", "off"), device)
         self.image_passes = 0  # images through the CLIP image tower, for benchmarks
 
     # -- helpers ------------------------------------------------------------------------
@@ -61,8 +63,13 @@ class Text2LiveLoss:
         return emb[idx_text % emb.shape[0], idx_tpl]  # [V, E]
 
     def _encode(self, images, tokens: bool):
+        """CLIP image features (under mixed precision if enabled), returned in float32."""
         self.image_passes += images.shape[0]
-        return self.clip.image_features(images, return_tokens=tokens)
+        with autocast(self.device, self.precision):
+            feats = self.clip.image_features(images, return_tokens=tokens)
+        feats.embedding = feats.embedding.float()
+        feats.tokens = feats.tokens.float() if feats.tokens is not None else None
+        return feats
 
     # -- the loss -----------------------------------------------------------------------
     def __call__(self, image, colour, alpha, step: int, rng: random.Random, generator: torch.Generator):

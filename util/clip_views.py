@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from kornia.enhance import adjust_hue
 
 VIEW_SHORT = 224       # CLIP's input size on the short side
-VIEW_LONG_MAX = 352    # cap on the long side; position embeddings are interpolated
+VIEW_LONG_MAX = 320    # cap on the long side (10 patches); position embeddings are interpolated
 PATCH_MULTIPLE = 32    # view sides are multiples of the ViT-B/32 patch size
 CROP_MIN, CROP_MAX = 0.6, 1.0
 

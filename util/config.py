@@ -39,6 +39,7 @@ RULES = {
     "d_divisible_crops": dict(type="int", min=1),
     "device": dict(type="str", pattern=r"auto|cpu|cuda(:\d+)?|mps"),
     "seed": dict(type="int", min=-1),
+    "mixed_precision": dict(type="str", choices=["auto", "bf16", "off"]),
     "n_epochs": dict(type="int", min=0),
     "log_images_freq": dict(type="int", min=1),
     "comp_text": dict(type="text", nullable=True),

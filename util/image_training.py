@@ -32,6 +32,7 @@ from util import losses
 from util.clip_loss import Text2LiveLoss
 from util.config import ConfigError, check_image_config, public
 from util.image_io import read_image, resize_short_side, save_png
+from util.precision import autocast
 
 GENERATOR_KEYS = ("num_scales", "skip_n33d", "skip_n33u", "skip_n11")
 LOSS_COLUMNS = ["step", "total", "comp_text", "comp_dir", "screen", "structure", "sparsity",
@@ -202,6 +203,25 @@ def checkpoint_state(step, generator, optimizer, lr, rng, torch_gen, cfg):
     }
 
 
+def train_step(generator, optimizer, loss_fn, batch, step, lr, rng, torch_gen):
+    """One generator update on the step's inputs (a list of [1, 3, h, w]); returns (total, terms)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    total, terms = 0.0, {}
+    for x in batch:
+        with autocast(x.device, loss_fn.precision):
+            edit_layer = generator(x)
+        colour, alpha = split_edit_layer(edit_layer.float())
+        loss, logged = loss_fn(x, colour, alpha, step, rng, torch_gen)
+        (loss / len(batch)).backward()  # one image's graph at a time: lower peak memory
+        total += float(loss.detach()) / len(batch)
+        for name, value in logged.items():
+            terms[name] = terms.get(name, 0.0) + value / len(batch)
+    optimizer.step()
+    return total, terms
+
+
 def train(cfg: dict, run_dir: Path | None = None) -> Path:
     """Train on cfg['image_path']; return the run folder. run_dir given: resume there."""
     resuming = run_dir is not None
@@ -253,19 +273,8 @@ def train(cfg: dict, run_dir: Path | None = None) -> Path:
         for step in bar:
             # randomness a step consumes is rolled back if it is interrupted before its update
             snapshot = (rng.getstate(), torch_gen.get_state(), torch.get_rng_state())
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.zero_grad(set_to_none=True)
-            batch = dataset.sample(step, rng)
-            total, logged_sum = 0.0, {}
-            for x in batch:
-                colour, alpha = split_edit_layer(generator(x))
-                loss, logged = loss_fn(x, colour, alpha, step, rng, torch_gen)
-                (loss / len(batch)).backward()
-                total += float(loss.detach()) / len(batch)
-                for name, value in logged.items():
-                    logged_sum[name] = logged_sum.get(name, 0.0) + value / len(batch)
-            optimizer.step()
+            total, logged_sum = train_step(generator, optimizer, loss_fn, dataset.sample(step, rng),
+                                           step, lr, rng, torch_gen)
             done, snapshot = step + 1, None
             row = {"step": done, "total": total, "lr": lr, **logged_sum}
             if cfg["scheduler_policy"] == "exponential":
