@@ -126,6 +126,8 @@ def _check_value(key, value, rule):
             raise wrong
         value = float(value)
     elif kind == "str":
+        if value is False and "off" in rule.get("choices", ()):
+            value = "off"  # YAML reads a bare `off` as false
         if not isinstance(value, str):
             raise wrong
     elif kind == "text":
