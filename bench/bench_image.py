@@ -1,6 +1,6 @@
 """Benchmark one Text2LIVE image training step (a benchmark, not a test).
 
-    python bench/bench_image.py --size 512 --steps 20 [--clip FILE] [--device cpu|cuda] [--image PATH]
+    python bench/bench_image.py --size 512 --steps 20 [--clip FILE] [--device cpu|cuda] [--precision auto|off]
 
 Uses the given CLIP file or a random-weight ViT-B/32 in OpenAI's layout, the golden_horse
 settings (n_aug 16) and the real training step on a real photo resized to --size on the
@@ -37,13 +37,15 @@ def main():
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--clip", default=None, help="CLIP checkpoint file (default: random ViT-B/32)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "off"], help="mixed_precision")
     parser.add_argument("--image", default=None, help="photo (default: the shared horse, else skimage:chelsea)")
     args = parser.parse_args()
 
     horse = shared_data_root() / "images" / "horse.jpg"
     image_path = args.image or (str(horse) if horse.exists() else "skimage:chelsea")
     cfg = load_config("image", example="golden_horse",
-                      overrides={"image_path": image_path, "resize_input": args.size, "device": args.device})
+                      overrides={"image_path": image_path, "resize_input": args.size, "device": args.device,
+                                 "mixed_precision": args.precision})
     device = torch.device(args.device)
     clip = load_clip(args.clip, device) if args.clip else random_clip("ViT-B/32").eval().requires_grad_(False).to(device)
     image = load_input(cfg, device)
@@ -69,7 +71,7 @@ def main():
         if step > args.warmup:
             times.append(time.perf_counter() - t0)
     result = {
-        "size": args.size, "image": f"{image.shape[-2]}x{image.shape[-1]}", "device": str(device),
+        "size": args.size, "image": f"{image.shape[-2]}x{image.shape[-1]}", "device": str(device), "precision": args.precision,
         "threads": torch.get_num_threads(), "steps": len(times),
         "seconds_per_step": round(statistics.median(times), 3),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),

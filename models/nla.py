@@ -1,0 +1,198 @@
+"""Neural Layered Atlases (Kasten et al. 2021) in the official checkpoint format.
+
+A video is a foreground and a background layer. Mapping networks send each pixel (x, y, t)
+to a 2D atlas position (UV) per layer, one atlas network gives the colour at a UV, and an
+opacity network blends the layers:
+
+    foreground UV  = 0.5 * M_f(p) + 0.5          in [0, 1]^2
+    background UV  = 0.5 * M_b(p) - 0.5          in [-1, 0]^2
+    colour(uv)     = (atlas(uv) + 1) / 2
+    opacity(p)     = 0.99 * (alpha(p) + 1) / 2 + 0.001
+    frame          = opacity * fg + (1 - opacity) * bg
+
+with p = (x / (L/2) - 1, y / (L/2) - 1, t / (T/2) - 1), L = max(resx, resy), T frames.
+
+Checkpoints are torch.save dicts holding model_F_mapping1_state_dict (M_f),
+model_F_mapping2_state_dict (M_b), F_atlas_state_dict (one atlas shared by both layers) and
+model_F_alpha_state_dict; other keys (optimizer state, iteration) are ignored. Each network is
+an MLP stored as hidden.<i>.weight / hidden.<i>.bias; its architecture is read off the shapes.
+"""
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+CHECKPOINT_KEYS = {
+    "mapping_foreground": "model_F_mapping1_state_dict",
+    "mapping_background": "model_F_mapping2_state_dict",
+    "atlas": "F_atlas_state_dict",
+    "alpha": "model_F_alpha_state_dict",
+}
+# (input dim, output dim, layers, width, encoding frequencies, skip layers): the NLA defaults
+DEFAULT_ARCHITECTURES = {
+    "mapping_foreground": (3, 2, 6, 256, 0, ()),
+    "mapping_background": (3, 2, 4, 256, 0, ()),
+    "atlas": (2, 3, 8, 256, 10, (4, 7)),
+    "alpha": (3, 1, 8, 256, 5, ()),
+}
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def positional_encoding(x, frequencies: int):
+    """x [N, D] -> [N, 2*D*F]: for k = 0..F-1, [sin(2^k pi x_1..x_D), cos(2^k pi x_1..x_D)]."""
+    if frequencies == 0:
+        return x
+    b = (2.0 ** torch.arange(frequencies, device=x.device, dtype=x.dtype)) * math.pi  # [F]
+    angles = x[:, None, :] * b[None, :, None]  # [N, F, D]
+    return torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(1)  # [N, F*2D]
+
+
+class MLP(nn.Module):
+    """Linear layers `hidden.<i>` with ReLU between them and tanh on the output.
+
+    A skip layer takes cat(hidden features, encoded input) as its input.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, layers: int, width: int, frequencies: int = 0,
+                 skips=()):
+        super().__init__()
+        self.in_dim, self.frequencies, self.skips = in_dim, frequencies, tuple(skips)
+        enc = in_dim * 2 * frequencies if frequencies else in_dim
+        dims = []
+        for i in range(layers):
+            c_in = enc if i == 0 else width + (enc if i in self.skips else 0)
+            c_out = out_dim if i == layers - 1 else width
+            dims.append((c_in, c_out))
+        self.hidden = nn.ModuleList([nn.Linear(a, b) for a, b in dims])
+
+    def forward(self, x):
+        encoded = positional_encoding(x, self.frequencies)
+        h = encoded
+        for i, layer in enumerate(self.hidden):
+            if i in self.skips:
+                h = torch.cat([h, encoded], dim=-1)
+            h = layer(h)
+            if i < len(self.hidden) - 1:
+                h = torch.relu(h)
+        return torch.tanh(h)
+
+    @classmethod
+    def from_state_dict(cls, state_dict: dict, in_dim: int, name: str) -> "MLP":
+        """Read the architecture off the stored shapes (in_dim is the raw coordinate size)."""
+        layers = len({k.split(".")[1] for k in state_dict if k.startswith("hidden.") and k.endswith(".weight")})
+        try:
+            weights = [state_dict[f"hidden.{i}.weight"] for i in range(layers)]
+        except KeyError as e:
+            raise CheckpointError(f"{name}: layer {e.args[0]} is missing") from e
+        if layers < 2:
+            raise CheckpointError(f"{name}: expected an MLP with hidden.<i>.weight layers, found {layers}")
+        enc = weights[0].shape[1]
+        if enc % in_dim or (enc != in_dim and (enc // in_dim) % 2):
+            raise CheckpointError(f"{name}: first layer takes {enc} inputs, which is no positional "
+                                  f"encoding of {in_dim} coordinates")
+        frequencies = 0 if enc == in_dim else enc // (2 * in_dim)
+        width = weights[0].shape[0]
+        skips = tuple(i for i in range(1, layers) if weights[i].shape[1] == width + enc)
+        model = cls(in_dim, weights[-1].shape[0], layers, width, frequencies, skips)
+        try:
+            model.load_state_dict({k: v for k, v in state_dict.items() if k.startswith("hidden.")})
+        except RuntimeError as e:
+            raise CheckpointError(f"{name}: unexpected tensor shapes ({str(e).splitlines()[-1].strip()})") from e
+        return model
+
+    def architecture(self):
+        return (self.in_dim, self.hidden[-1].out_features, len(self.hidden), self.hidden[0].out_features,
+                self.frequencies, self.skips)
+
+
+class NLAModel(nn.Module):
+    """The four NLA networks and the mapping from frame pixels to layers, UVs and colours.
+
+    This is the atlas renderer used by video editing: per pixel UVs of both layers, the
+    foreground opacity, and atlas colours at any UV.
+    """
+
+    def __init__(self, resx: int, resy: int, n_frames: int, networks: dict | None = None):
+        super().__init__()
+        self.resx, self.resy, self.n_frames = resx, resy, n_frames
+        networks = networks or {name: MLP(*arch) for name, arch in DEFAULT_ARCHITECTURES.items()}
+        self.mapping_foreground = networks["mapping_foreground"]
+        self.mapping_background = networks["mapping_background"]
+        self.atlas = networks["atlas"]
+        self.alpha = networks["alpha"]
+
+    # ---- coordinates -----------------------------------------------------------------------
+    def normalize(self, x, y, t):
+        """Pixel coordinates and frame index (tensors of one shape) -> p [N, 3] in about [-1, 1]."""
+        half = max(self.resx, self.resy) / 2
+        return torch.stack([x / half - 1, y / half - 1, t / (self.n_frames / 2) - 1], dim=-1).reshape(-1, 3)
+
+    def frame_coords(self, t: int, device=None):
+        """p for every pixel of frame t, row-major: [resy*resx, 3]."""
+        ys, xs = torch.meshgrid(torch.arange(self.resy, device=device, dtype=torch.float32),
+                                torch.arange(self.resx, device=device, dtype=torch.float32), indexing="ij")
+        return self.normalize(xs, ys, torch.full_like(xs, float(t)))
+
+    # ---- the model ---------------------------------------------------------------------------
+    def uv_foreground(self, p):
+        return 0.5 * self.mapping_foreground(p) + 0.5  # [N, 2] in [0, 1]
+
+    def uv_background(self, p):
+        return 0.5 * self.mapping_background(p) - 0.5  # [N, 2] in [-1, 0]
+
+    def colour(self, uv):
+        return (self.atlas(uv) + 1) / 2  # [N, 3] in [0, 1]
+
+    def opacity(self, p):
+        return 0.99 * (self.alpha(p) + 1) / 2 + 0.001  # [N, 1]
+
+    def forward(self, p):
+        """Everything at points p [N, 3]: dict of uv_fg, uv_bg [N, 2], alpha [N, 1], fg, bg, rgb [N, 3]."""
+        uv_fg, uv_bg = self.uv_foreground(p), self.uv_background(p)
+        fg, bg = self.colour(uv_fg), self.colour(uv_bg)
+        alpha = self.opacity(p)
+        return dict(uv_fg=uv_fg, uv_bg=uv_bg, alpha=alpha, fg=fg, bg=bg, rgb=alpha * fg + (1 - alpha) * bg)
+
+    @torch.no_grad()
+    def render_frame(self, t: int, chunk: int = 65536, device=None):
+        """Frame t's maps, each [resy, resx, C]: uv_fg, uv_bg, alpha, fg, bg, rgb (batched, no grad)."""
+        p = self.frame_coords(t, device)
+        parts = [self(p[i:i + chunk]) for i in range(0, p.shape[0], chunk)]
+        return {k: torch.cat([part[k] for part in parts]).view(self.resy, self.resx, -1) for k in parts[0]}
+
+    # ---- files -------------------------------------------------------------------------------
+    def checkpoint(self) -> dict:
+        """A dict in the official NLA / Text2LIVE checkpoint format."""
+        return {key: getattr(self, name).state_dict() for name, key in CHECKPOINT_KEYS.items()}
+
+    @classmethod
+    def from_checkpoint(cls, path, resx: int, resy: int, n_frames: int) -> "NLAModel":
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"NLA checkpoint {path} does not exist; train one with train_nla.py "
+                                  "or set checkpoint_path")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise CheckpointError(f"cannot read NLA checkpoint {path} ({type(e).__name__})") from e
+        if not isinstance(state, dict):
+            raise CheckpointError(f"NLA checkpoint {path} holds a {type(state).__name__}, not a dict")
+        missing = [key for key in CHECKPOINT_KEYS.values() if key not in state]
+        if missing:
+            raise CheckpointError(f"NLA checkpoint {path} lacks {', '.join(missing)}; "
+                                  "is it a Neural Layered Atlases checkpoint?")
+        in_dims = {"mapping_foreground": 3, "mapping_background": 3, "atlas": 2, "alpha": 3}
+        networks = {}
+        for name, key in CHECKPOINT_KEYS.items():
+            net = MLP.from_state_dict(state[key], in_dims[name], f"{path.name}:{key}")
+            expected_out = DEFAULT_ARCHITECTURES[name][1]
+            if net.hidden[-1].out_features != expected_out:
+                raise CheckpointError(f"{path.name}:{key} outputs {net.hidden[-1].out_features} values, "
+                                      f"expected {expected_out}")
+            networks[name] = net
+        return cls(resx, resy, n_frames, networks)

@@ -1,0 +1,89 @@
+"""NLA networks in the official checkpoint format, built and checked here (no downloads)."""
+
+import math
+
+import pytest
+import torch
+
+from models.nla import CHECKPOINT_KEYS, MLP, CheckpointError, NLAModel, positional_encoding
+
+
+def test_positional_encoding_order_and_length():
+    x = torch.tensor([[0.25, -0.5]])
+    enc = positional_encoding(x, 3)
+    assert enc.shape == (1, 2 * 2 * 3)
+    for k in range(3):
+        b = 2 ** k * math.pi
+        expected = [math.sin(b * 0.25), math.sin(b * -0.5), math.cos(b * 0.25), math.cos(b * -0.5)]
+        assert torch.allclose(enc[0, 4 * k:4 * k + 4], torch.tensor(expected), atol=1e-6)
+    assert torch.equal(positional_encoding(x, 0), x)
+
+
+def test_default_architectures_match_the_official_shapes():
+    sd = NLAModel(64, 48, 10).checkpoint()
+    assert set(sd) == set(CHECKPOINT_KEYS.values())
+    atlas = sd["F_atlas_state_dict"]
+    assert atlas["hidden.0.weight"].shape == (256, 40)
+    assert atlas["hidden.4.weight"].shape == (256, 256 + 40) and atlas["hidden.7.weight"].shape == (3, 256 + 40)
+    assert sd["model_F_alpha_state_dict"]["hidden.0.weight"].shape == (256, 30)
+    assert len({k.split(".")[1] for k in sd["model_F_mapping1_state_dict"]}) == 6
+    assert len({k.split(".")[1] for k in sd["model_F_mapping2_state_dict"]}) == 4
+
+
+def test_checkpoint_round_trip_reproduces_the_networks(tmp_path):
+    torch.manual_seed(0)
+    model = NLAModel(64, 48, 10)
+    path = tmp_path / "checkpoint"
+    torch.save({**model.checkpoint(), "iteration": 5, "optimizer_state_dict": {}}, path)
+    loaded = NLAModel.from_checkpoint(path, 64, 48, 10)
+    for name in ("mapping_foreground", "mapping_background", "atlas", "alpha"):
+        assert getattr(loaded, name).architecture() == getattr(model, name).architecture()
+    p = torch.rand(100, 3) * 2 - 1
+    a, b = model(p), loaded(p)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_layers_uv_ranges_and_blending():
+    model = NLAModel(32, 24, 6)
+    maps = model.render_frame(2, chunk=100)
+    assert maps["rgb"].shape == (24, 32, 3) and maps["uv_fg"].shape == (24, 32, 2)
+    assert maps["uv_fg"].min() >= 0 and maps["uv_fg"].max() <= 1
+    assert maps["uv_bg"].min() >= -1 and maps["uv_bg"].max() <= 0
+    assert maps["alpha"].min() >= 0.001 and maps["alpha"].max() <= 0.991
+    blend = maps["alpha"] * maps["fg"] + (1 - maps["alpha"]) * maps["bg"]
+    assert torch.allclose(maps["rgb"], blend)
+    # coordinates: pixel (x, y) of frame t -> (x/(L/2) - 1, y/(L/2) - 1, t/(T/2) - 1)
+    p = model.frame_coords(3)
+    assert torch.allclose(p[0], torch.tensor([-1.0, -1.0, 0.0]))
+    assert torch.allclose(p[-1], torch.tensor([31 / 16 - 1, 23 / 16 - 1, 0.0]))
+
+
+def test_custom_shapes_are_read_off_the_file(tmp_path):
+    nets = {"mapping_foreground": MLP(3, 2, 3, 32), "mapping_background": MLP(3, 2, 3, 32),
+            "atlas": MLP(2, 3, 4, 32, 4, (2,)), "alpha": MLP(3, 1, 3, 16, 2)}
+    model = NLAModel(16, 16, 4, nets)
+    torch.save(model.checkpoint(), tmp_path / "c")
+    loaded = NLAModel.from_checkpoint(tmp_path / "c", 16, 16, 4)
+    assert loaded.atlas.architecture() == (2, 3, 4, 32, 4, (2,))
+    assert loaded.alpha.architecture() == (3, 1, 3, 16, 2, ())
+
+
+def test_bad_checkpoints_are_clear_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        NLAModel.from_checkpoint(tmp_path / "none", 8, 8, 2)
+    junk = tmp_path / "junk"
+    junk.write_text("junk")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        NLAModel.from_checkpoint(junk, 8, 8, 2)
+    sd = NLAModel(8, 8, 2).checkpoint()
+    partial = dict(sd)
+    del partial["model_F_alpha_state_dict"]
+    torch.save(partial, tmp_path / "partial")
+    with pytest.raises(CheckpointError, match="lacks model_F_alpha_state_dict"):
+        NLAModel.from_checkpoint(tmp_path / "partial", 8, 8, 2)
+    wrong = dict(sd)
+    wrong["F_atlas_state_dict"] = dict(sd["F_atlas_state_dict"])
+    wrong["F_atlas_state_dict"]["hidden.3.weight"] = torch.zeros(256, 100)
+    torch.save(wrong, tmp_path / "wrong")
+    with pytest.raises(CheckpointError, match="unexpected tensor shapes"):
+        NLAModel.from_checkpoint(tmp_path / "wrong", 8, 8, 2)
