@@ -139,6 +139,7 @@ class Text2LiveLoss:
                                    align_corners=False)
         negatives = self.negative_emb if self.negative_emb is not None else ()
         self.image_passes += len(self.boot_emb) + len(negatives)
-        target = bootstrap_target(self.clip, crop, self.boot_emb, negatives, self.cfg["relevancy_num_layers"],
-                                  self.cfg["bootstrap_negative_map_threshold"])
+        with autocast(self.device, self.precision):
+            target = bootstrap_target(self.clip, crop, self.boot_emb, negatives, self.cfg["relevancy_num_layers"],
+                                      self.cfg["bootstrap_negative_map_threshold"]).float()
         return losses.bootstrap_loss(alpha_crop, target)

@@ -146,13 +146,14 @@ def prescale(image, view_hw):
 
 
 def make_views(images: list, params: ViewParams, view_hw: tuple[int, int], fill: float = 1.0) -> list:
-    """The same V views of each image in `images` (each [1, 3, H, W], same size) -> list of [V, 3, Hv, Wv]."""
+    """The same V views of each image in `images` (each [1, 3, H, W], same size) -> list of [V, 3, Hv, Wv].
+
+    Images that need gradients are warped in one grid_sample, the others (and the validity
+    mask) in a second one without autograd, so the backward pass only touches what it must.
+    """
     V = params.homography.shape[0]
     Hv, Wv = view_hw
     device, dtype = images[0].device, images[0].dtype
-    stacked = prescale(torch.cat(images, dim=1), view_hw)  # [1, 3k, H, W]
-    stacked = torch.cat([stacked, torch.ones_like(stacked[:, :1])], dim=1)  # [1, 3k+1, H, W]
-
     ys = (torch.arange(Hv, device=device, dtype=dtype) * 2 + 1) / Hv - 1
     xs = (torch.arange(Wv, device=device, dtype=dtype) * 2 + 1) / Wv - 1
     gy, gx = torch.meshgrid(ys, xs, indexing="ij")
@@ -160,11 +161,20 @@ def make_views(images: list, params: ViewParams, view_hw: tuple[int, int], fill:
     src = base @ params.homography.to(device, dtype).transpose(1, 2)  # [V, P, 3]
     grid = (src[..., :2] / src[..., 2:].clamp(min=1e-6)).view(V, Hv, Wv, 2)
 
-    warped = F.grid_sample(stacked.expand(V, -1, -1, -1), grid, mode="bilinear",
-                           padding_mode="zeros", align_corners=False)  # [V, 3k+1, Hv, Wv]
-    mask = warped[:, -1:]
-    views = []
-    for i in range(len(images)):
-        v = warped[:, 3 * i:3 * i + 3] + (1 - mask) * fill
-        views.append(colour_augment(v, params))
-    return views
+    def warp(stack):  # [1, C, H, W] -> [V, C, Hv, Wv]
+        stack = prescale(stack, view_hw)
+        return F.grid_sample(stack.expand(V, -1, -1, -1), grid, mode="bilinear",
+                             padding_mode="zeros", align_corners=False)
+
+    with_grad = [i for i, im in enumerate(images) if im.requires_grad]
+    without = [i for i in range(len(images)) if i not in with_grad]
+    warped = {}
+    if with_grad:
+        out = warp(torch.cat([images[i] for i in with_grad], dim=1))
+        warped.update({i: out[:, 3 * j:3 * j + 3] for j, i in enumerate(with_grad)})
+    with torch.no_grad():
+        rest = [images[i] for i in without] + [torch.ones_like(images[0][:, :1])]
+        out = warp(torch.cat(rest, dim=1))
+        warped.update({i: out[:, 3 * j:3 * j + 3] for j, i in enumerate(without)})
+        mask = out[:, -1:]  # [V, 1, Hv, Wv]: 1 inside the image, 0 outside
+    return [colour_augment(warped[i] + (1 - mask) * fill, params) for i in range(len(images))]
