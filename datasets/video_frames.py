@@ -1,0 +1,126 @@
+"""Reading video frames and masks (a DAVIS-style folder or a video file) and writing MP4s.
+
+Shared by video editing (train_video.py) and atlas training (train_nla.py).
+"""
+
+import os
+import re
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+from util.image_io import InputError, resolve_data_path
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+def _natural_key(path: Path):
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
+
+
+def list_frame_files(folder) -> list:
+    """Image files of a folder in natural order (00000.jpg, 00001.jpg, ... or frame2 < frame10)."""
+    files = [p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES]
+    return sorted(files, key=_natural_key)
+
+
+def _read_folder(folder: Path, limit: int) -> list:
+    files = list_frame_files(folder)
+    if not files:
+        raise InputError(f"{folder} holds no image frames (.jpg/.png); point video_path at a frame folder or a video file")
+    frames = []
+    for path in files[:limit]:
+        try:
+            with Image.open(path) as img:
+                frames.append(np.asarray(img.convert("RGB")))
+        except (UnidentifiedImageError, OSError) as e:
+            raise InputError(f"frame {path} is not a readable image ({type(e).__name__}); remove or replace it") from e
+    return frames
+
+
+def _read_video_file(path: Path, limit: int) -> list:
+    import imageio.v2 as imageio
+
+    frames = []
+    try:
+        reader = imageio.get_reader(str(path), "ffmpeg")
+        for frame in reader:
+            frames.append(np.asarray(frame)[..., :3])
+            if len(frames) >= limit:
+                break
+        reader.close()
+    except Exception as e:  # imageio raises several types for broken files
+        raise InputError(f"{path} is not a readable video ({type(e).__name__}); use an MP4 file or a folder of frames") from e
+    if not frames:
+        raise InputError(f"{path} contains no frames")
+    return frames
+
+
+def read_frames(path, resx: int, resy: int, max_frames: int, min_frames: int = 1) -> torch.Tensor:
+    """Frames in [0, 1] as [T, 3, resy, resx], at most max_frames (fewer: a warning says so)."""
+    path = Path(resolve_data_path(str(path)))
+    if not path.exists():
+        raise InputError(f"video_path {path} does not exist; give a folder of frames or a video file")
+    frames = _read_folder(path, max_frames) if path.is_dir() else _read_video_file(path, max_frames)
+    sizes = {f.shape[:2] for f in frames}
+    if len(sizes) > 1:
+        raise InputError(f"frames in {path} have different sizes ({', '.join(f'{w}x{h}' for h, w in sorted(sizes))}); "
+                         "resize them to one size")
+    if len(frames) < min_frames:
+        raise InputError(f"{path} has {len(frames)} frame(s); at least {min_frames} are needed")
+    if len(frames) < max_frames:
+        warnings.warn(f"{path.name}: {len(frames)} frames, fewer than maximum_number_of_frames={max_frames}; "
+                      f"using all {len(frames)}")
+    video = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float() / 255  # [T, 3, H, W]
+    if video.shape[-2:] != (resy, resx):
+        video = F.interpolate(video, size=(resy, resx), mode="bilinear", align_corners=False, antialias=True)
+    return video.clamp(0, 1)
+
+
+def read_masks(folder, n_frames: int, resx: int, resy: int) -> torch.Tensor:
+    """Binary object masks (white = object, thresholded at 128) as [T, 1, resy, resx]."""
+    folder = Path(resolve_data_path(str(folder)))
+    if not folder.is_dir():
+        raise InputError(f"masks folder {folder} does not exist")
+    files = list_frame_files(folder)[:n_frames]
+    if len(files) != n_frames:
+        raise InputError(f"{folder} has {len(files)} masks for {n_frames} frames; give one mask per frame")
+    masks = []
+    for path in files:
+        try:
+            with Image.open(path) as img:
+                masks.append(np.asarray(img.convert("L")) >= 128)
+        except (UnidentifiedImageError, OSError) as e:
+            raise InputError(f"mask {path} is not a readable image ({type(e).__name__})") from e
+    m = torch.from_numpy(np.stack(masks)).float()[:, None]  # [T, 1, H, W]
+    return (F.interpolate(m, size=(resy, resx), mode="bilinear", align_corners=False) >= 0.5).float()
+
+
+def write_video(frames: torch.Tensor, path, fps: int = 10) -> None:
+    """Frames [T, 3, H, W] in [0, 1] -> an H.264 MP4 (sides padded to even numbers), atomically."""
+    import imageio.v2 as imageio
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    T, _, H, W = frames.shape
+    pad_h, pad_w = H % 2, W % 2
+    if pad_h or pad_w:
+        frames = F.pad(frames, (0, pad_w, 0, pad_h), mode="replicate")
+    array = frames.detach().clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".part.mp4")
+    os.close(fd)
+    try:
+        writer = imageio.get_writer(tmp, fps=fps, codec="libx264", quality=8, macro_block_size=1,
+                                    ffmpeg_log_level="error")
+        for frame in array:
+            writer.append_data(frame)
+        writer.close()
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
