@@ -4,11 +4,13 @@ import sys
 import warnings
 
 from models.clip import DownloadError
+from models.nla import CheckpointError
 from models.tokenizer import PromptTooLongError
 from util.config import ConfigError
 from util.image_io import InputError
 
-USER_ERRORS = (ConfigError, InputError, DownloadError, FileNotFoundError, PromptTooLongError)
+USER_ERRORS = (ConfigError, InputError, DownloadError, FileNotFoundError, PromptTooLongError,
+               CheckpointError)
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):

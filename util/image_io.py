@@ -29,8 +29,14 @@ def resolve_data_path(path: str) -> str:
     if p.exists():
         return path
     parts = p.parts[1:] if p.parts[:1] == (".",) else p.parts
-    if parts[:1] == ("data",):
-        candidate = shared_data_root().joinpath(*parts[1:])
+    if parts[:1] != ("data",):
+        return path
+    candidates = [shared_data_root().joinpath(*parts[1:])]
+    if parts[1:2] == ("videos",) and len(parts) >= 3:  # the shared DAVIS layout: davis/<name>/frames
+        candidates.append(shared_data_root() / "davis" / parts[2] / "frames")
+    if parts[1:2] == ("pretrained_nla_models",):  # atlases trained here by train_nla.py
+        candidates.append(Path(__file__).resolve().parent.parent.joinpath(*parts[1:]))
+    for candidate in candidates:
         if candidate.exists():
             print(f"{path} not found; using {candidate}")
             return str(candidate)

@@ -1,0 +1,135 @@
+"""train_video.py end to end on a tiny NLA checkpoint built here and real photo frames."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import skimage.data
+import torch
+from PIL import Image
+
+import train_video
+from models.nla import MLP, NLAModel
+from util.config import load_config
+
+
+def spread_mapping(scale):
+    """An MLP mapping with UV ~ tanh(scale * (x, y)) + a slow drift in t, like a panning camera."""
+    net = MLP(3, 2, 2, 8)
+    with torch.no_grad():
+        net.hidden[0].weight.zero_()
+        net.hidden[0].bias.zero_()
+        net.hidden[1].weight.zero_()
+        net.hidden[1].bias.zero_()
+        for row, (dim, sign) in enumerate([(0, 1), (0, -1), (1, 1), (1, -1)]):
+            net.hidden[0].weight[row, dim] = sign
+            net.hidden[0].weight[row, 2] = 0.1 * sign
+            net.hidden[1].weight[dim, row] = scale * sign
+    return net
+
+
+@pytest.fixture(scope="module")
+def tiny_video(tmp_path_factory):
+    """6 frames panning over a real photo, and a small NLA checkpoint in the official format."""
+    root = tmp_path_factory.mktemp("video")
+    photo = np.asarray(skimage.data.coffee())  # 400x600
+    (root / "frames").mkdir()
+    for t in range(6):
+        Image.fromarray(photo[100:196, 10 * t:10 * t + 144]).save(root / "frames" / f"{t:05d}.jpg")
+    torch.manual_seed(0)
+    nets = {"mapping_foreground": spread_mapping(0.9), "mapping_background": spread_mapping(0.8),
+            "atlas": MLP(2, 3, 4, 32, 4, (2,)), "alpha": MLP(3, 1, 3, 32, 2)}
+    (root / "nla").mkdir()
+    torch.save({**NLAModel(48, 32, 6, nets).checkpoint(), "iteration": 1}, root / "nla" / "checkpoint")
+    return root
+
+
+@pytest.fixture
+def overrides(tiny_video, tiny_clip_file, tmp_path):
+    return [f"checkpoint_path={tiny_video / 'nla' / 'checkpoint'}", f"video_path={tiny_video / 'frames'}",
+            f"clip_model_name={tiny_clip_file}", f"results_folder={tmp_path / 'results'}", "device=cpu",
+            "resx=48", "resy=32", "maximum_number_of_frames=6", "grid_atlas_resolution=300",
+            "mask_alpha_threshold=0.5", "masks_border_expansion=4", "num_scales=3", "skip_n33d=8",
+            "skip_n33u=8", "n_aug=2", "n_epochs=4", "log_images_freq=2", "save_model_starting_epoch=2",
+            "entire_atlas_every=3", "seed=1", "fps=5"]
+
+
+@pytest.mark.parametrize("example, layer", [("car-turn_winter", "background"), ("blackswan_gold", "foreground")])
+def test_training_writes_every_output(example, layer, overrides):
+    run_dir = Path(train_video.main(["--example_config", example, *overrides]))
+    final = run_dir / "final"
+    for name in ["edited.mp4", "edit_layer_green.mp4", "side_by_side.mp4", "atlas_original.png",
+                 "atlas_edited.png", "atlas_edit_layer.png"]:
+        assert (final / name).is_file(), name
+    assert len(list((final / "frames").glob("*.png"))) == 6
+    rgba = np.asarray(Image.open(final / "edit_layer_rgba" / "00000.png"))
+    assert rgba.shape == (32, 48, 4)
+    for name in ["config.yaml", "losses.csv", "loss_curve.png", "model.pt", "checkpoints/generator_step_00002.pt",
+                 "intermediate/step_00002/atlas_edited.png"]:
+        assert (run_dir / name).is_file(), name
+    assert torch.load(run_dir / "model.pt", weights_only=False)["layer"] == layer
+    rows = (run_dir / "losses.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 4
+
+
+def test_edit_is_the_same_atlas_edit_in_every_frame(overrides):
+    """Temporal consistency by construction: frames sharing a UV get the same edit colour."""
+    from util.video_training import VideoAtlas, edit_video
+    from util.image_training import make_generator
+    cfg = load_config("video", example="car-turn_winter", overrides=overrides)
+    video = VideoAtlas(cfg, "background", torch.device("cpu"))
+    torch.manual_seed(0)
+    g = make_generator(cfg)
+    atlas_edit, layers = edit_video(g, video, True)
+    assert layers.shape == (6, 4, 32, 48)
+    # sample the atlas edit directly at frame 3's UVs: equal to the frame's edit colour
+    from util.atlas import sample_atlas
+    direct = sample_atlas(atlas_edit, video.box, video.uv[3:4])
+    assert torch.allclose(layers[3:4, :3], direct[:, :3], atol=1e-5)
+    assert (layers[:, 3:] <= 1 - video.alpha + 1e-6).all()  # hidden behind the foreground
+
+
+def test_render_combines_background_and_foreground_edits(overrides, tmp_path):
+    bg = Path(train_video.main(["--example_config", "car-turn_winter", *overrides, "n_epochs=1"]))
+    fg = Path(train_video.main(["--example_config", "blackswan_gold", *overrides, "n_epochs=1"]))
+    out = Path(train_video.main([f"render_background={bg / 'model.pt'}", f"render_foreground={fg}",
+                                 f"results_folder={tmp_path / 'renders'}", "device=cpu"]))
+    assert (out / "final" / "edited.mp4").is_file() and len(list((out / "final" / "frames").iterdir())) == 6
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["checkpoint_path=/nonexistent/checkpoint"], "does not exist"),
+    (["video_path=/nonexistent/frames"], "does not exist"),
+    (["finetune_foreground=true"], "exactly one of"),
+    (["comp_text=[]"], "comp_text is empty"),
+    (["resx=abc"], "must be an integer"),
+])
+def test_bad_input_is_a_one_line_error(extra, message, overrides, capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        train_video.run_cli(train_video.main, ["--example_config", "car-turn_winter", *overrides, *extra])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and message in err[-1]
+    assert not (tmp_path / "results").exists()
+
+
+def test_checkpoint_with_wrong_keys_is_refused(overrides, tmp_path, capsys):
+    bad = tmp_path / "checkpoint"
+    torch.save({"model_F_mapping1_state_dict": {}}, bad)
+    with pytest.raises(SystemExit):
+        train_video.run_cli(train_video.main, ["--example_config", "car-turn_winter", *overrides,
+                                               f"checkpoint_path={bad}"])
+    assert "lacks" in capsys.readouterr().err
+
+
+def test_every_paper_example_config_loads():
+    names = ["car-turn_winter", "car-turn_rusty", "car-turn_nighttime", "blackswan_crochet", "blackswan_crystal",
+             "blackswan_cube", "blackswan_gold", "libby_diamond", "libby_giraffe", "libby_gold", "libby_leopard",
+             "lucia_fog", "lucia_winter", "lucia_wonderland"]
+    for name in names:
+        cfg = load_config("video", example=name)
+        assert cfg["finetune_foreground"] != cfg["finetune_background"]
+        assert len(cfg["comp_text"]) == len(cfg["src_text"])
+    winter = load_config("video", example="car-turn_winter")
+    assert winter["screen_text"] == ["winter scene", "snow everywhere", "beautiful snow"]
+    assert (winter["resx"], winter["resy"], winter["n_aug"], winter["lambda_structure"]) == (768, 432, 6, 3.0)

@@ -1,0 +1,313 @@
+"""Text2LIVE video editing through a Neural Layered Atlas (paper Sec. 3.2, SM A.4).
+
+The generator edits one atlas (foreground or background). Each training step maps a random
+crop of frames t-k, t, t+k to the atlas, feeds the smallest atlas crop holding their UVs to
+the generator, samples the edit back onto the three frame crops and applies the image
+losses there; one frame crop also goes straight through the generator, and every
+`entire_atlas_every` steps the whole atlas does. At the end the whole atlas is edited once
+and the edit is sampled to every frame, so the result is temporally consistent.
+
+A run folder holds config.yaml, losses.csv, loss_curve.png, intermediate/step_N/,
+checkpoints/generator_step_N.pt (from save_model_starting_epoch), model.pt and final/:
+edited.mp4 + frames/, edit_layer_green.mp4 + edit_layer_rgba/, atlas_original.png,
+atlas_edited.png, atlas_edit_layer.png, side_by_side.mp4 (input | edit over green | output).
+"""
+
+import math
+import random
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from datasets.video_frames import read_frames, write_video
+from models.clip import load_clip
+from models.generator import Generator, split_edit_layer
+from models.nla import NLAModel
+from util import losses
+from util.atlas import AtlasBox, bounding_box, discretize_atlas, frame_maps, sample_atlas
+from util.clip_loss import Text2LiveLoss
+from util.config import ConfigError, check_texts, public
+from util.image_io import save_png
+from util.image_training import (GENERATOR_KEYS, LossLog, make_generator, make_optimizer, new_run_dir,
+                                 pick_device, plot_losses, resolve_seed, save_atomic)
+from util.precision import autocast
+
+
+def check_video_config(cfg: dict) -> None:
+    if cfg["render_foreground"] or cfg["render_background"]:
+        return
+    check_texts(cfg)
+    if cfg["finetune_foreground"] == cfg["finetune_background"]:
+        raise ConfigError("set exactly one of finetune_foreground / finetune_background (one atlas per run; "
+                          "render_foreground= and render_background= combine two runs)")
+
+
+def default_video_path(cfg: dict) -> str:
+    return cfg["video_path"] or f"data/videos/{Path(cfg['checkpoint_path']).parent.name}"
+
+
+class VideoAtlas:
+    """The frames, the NLA model, and the edited layer's UV maps and discretised atlas."""
+
+    def __init__(self, cfg: dict, layer: str, device):
+        from util.image_io import resolve_data_path
+
+        self.cfg, self.layer, self.device = cfg, layer, device
+        self.frames = read_frames(default_video_path(cfg), cfg["resx"], cfg["resy"],
+                                  cfg["maximum_number_of_frames"]).to(device)  # [T, 3, H, W]
+        T = self.frames.shape[0]
+        self.nla = NLAModel.from_checkpoint(resolve_data_path(cfg["checkpoint_path"]), cfg["resx"], cfg["resy"], T)
+        self.nla = self.nla.to(device).eval().requires_grad_(False)
+        maps = frame_maps(self.nla, device)
+        self.alpha = maps["alpha"].permute(0, 3, 1, 2)  # [T, 1, H, W] foreground opacity
+        self.uv = maps["uv_fg" if layer == "foreground" else "uv_bg"]  # [T, H, W, 2]
+        if layer == "foreground":
+            self.mask = self.alpha[:, 0] > cfg["mask_alpha_threshold"]  # [T, H, W]
+            if not self.mask.any():
+                raise ConfigError(f"no pixel has foreground opacity above mask_alpha_threshold="
+                                  f"{cfg['mask_alpha_threshold']}; lower it or edit the background")
+            resolution = cfg["grid_atlas_resolution"]
+        else:
+            self.mask = torch.ones_like(self.alpha[:, 0], dtype=torch.bool)
+            resolution = cfg["grid_atlas_resolution"] / 3  # the background atlas at a third, for memory
+        self.box = bounding_box(self.uv[self.mask], resolution=resolution)
+        if max(self.box.size) <= 2 ** cfg["num_scales"]:
+            raise ConfigError(f"the {layer} atlas is only {self.box.size[0]}x{self.box.size[1]} px at "
+                              f"grid_atlas_resolution={cfg['grid_atlas_resolution']}; raise it or lower num_scales")
+        self.atlas = discretize_atlas(self.nla, self.box, device)  # [1, 3, h, w]
+        self.layer_frames = torch.cat([sample_atlas(self.atlas, self.box, self.uv[t:t + 1], cfg["align_corners"])
+                                       for t in range(T)])  # [T, 3, H, W] the layer as the atlas shows it
+
+    @property
+    def n_frames(self) -> int:
+        return self.frames.shape[0]
+
+    def sub_box(self, uv, min_side: int):
+        """The atlas pixels holding `uv` [N, 2] (at least min_side per side): (AtlasBox, i0, i1, j0, j1)."""
+        box, res = self.box, self.box.resolution
+        h, w = box.size
+        lo, hi = uv.min(dim=0).values, uv.max(dim=0).values
+        j0, j1 = math.floor((float(lo[0]) - box.u0) * res) - 2, math.ceil((float(hi[0]) - box.u0) * res) + 2
+        i0, i1 = math.floor((float(lo[1]) - box.v0) * res) - 2, math.ceil((float(hi[1]) - box.v0) * res) + 2
+
+        def widen(a, b, size):
+            short = max(0, min_side - (b - a))
+            a, b = a - short // 2, b + short - short // 2
+            a, b = max(0, a), min(size, b)
+            return (0, size) if b - a < min(min_side, size) else (a, b)
+
+        i0, i1 = widen(i0, i1, h)
+        j0, j1 = widen(j0, j1, w)
+        sub = AtlasBox(box.u0 + j0 / res, box.v0 + i0 / res, box.u0 + j1 / res, box.v0 + i1 / res, res)
+        return sub, i0, i1, j0, j1
+
+    def frame_region(self, t: int):
+        """(y0, y1, x0, x1) where crops of frame t are taken: the object box (+ border) or the frame."""
+        H, W = self.frames.shape[-2:]
+        if self.layer == "background":
+            return 0, H, 0, W
+        ys, xs = torch.nonzero(self.mask[t], as_tuple=True)
+        if ys.numel() == 0:
+            return 0, H, 0, W
+        e = self.cfg["masks_border_expansion"]
+        return (max(0, int(ys.min()) - e), min(H, int(ys.max()) + 1 + e),
+                max(0, int(xs.min()) - e), min(W, int(xs.max()) + 1 + e))
+
+
+# ---- training ---------------------------------------------------------------------------------
+
+def video_step(generator, video: VideoAtlas, loss_fn, step: int, rng: random.Random, torch_gen, precision):
+    """Losses of one step (not yet backpropagated): (total tensor, {term: float})."""
+    cfg = video.cfg
+    T = video.n_frames
+    min_side = 2 ** cfg["num_scales"] + 1
+    t = rng.randrange(T)
+    k = cfg["center_frame_distance"]
+    ts = sorted({min(max(t + d, 0), T - 1) for d in (-k, 0, k)})
+    y0, y1, x0, x1 = video.frame_region(t)
+    cover = cfg["crops_min_cover"]
+    h = rng.randint(max(1, math.ceil(cover * (y1 - y0))), y1 - y0)
+    w = rng.randint(max(1, math.ceil(cover * (x1 - x0))), x1 - x0)
+    top, left = rng.randint(y0, y1 - h), rng.randint(x0, x1 - w)
+    crop = (slice(top, top + h), slice(left, left + w))
+
+    uv = video.uv[ts][:, crop[0], crop[1]]  # [F, h, w, 2]
+    inside = video.mask[ts][:, crop[0], crop[1]]
+    sub, i0, i1, j0, j1 = video.sub_box(uv[inside] if inside.any() else uv.reshape(-1, 2), min_side)
+    atlas_crop = video.atlas[:, :, i0:i1, j0:j1]  # [1, 3, ah, aw]
+    flip = rng.random() < cfg["flip_p"]
+
+    def edit(x):
+        with autocast(x.device, precision):
+            out = generator(x.flip(-1) if flip else x)
+        out = out.float()
+        return out.flip(-1) if flip else out
+
+    terms, calls = {}, []
+    atlas_edit = edit(atlas_crop)  # [1, 4, ah, aw]
+    frame_edits = sample_atlas(atlas_edit.expand(len(ts), -1, -1, -1), sub, uv, cfg["align_corners"])
+    layer_crops = video.layer_frames[ts][:, :, crop[0], crop[1]]  # [F, 3, h, w]
+    for i in range(len(ts)):
+        colour, alpha = split_edit_layer(frame_edits[i:i + 1])
+        calls.append(loss_fn(layer_crops[i:i + 1], colour, alpha, step, rng, torch_gen))
+    # one frame crop straight through the generator
+    frame_crop = video.frames[t:t + 1, :, crop[0], crop[1]]
+    colour, alpha = split_edit_layer(edit(frame_crop))
+    calls.append(loss_fn(frame_crop, colour, alpha, step, rng, torch_gen))
+    every = cfg["entire_atlas_every"]
+    if every > 0 and step % every == 0:
+        colour, alpha = split_edit_layer(edit(video.atlas))
+        calls.append(loss_fn(video.atlas, colour, alpha, step, rng, torch_gen))
+    total = sum(c[0] for c in calls) / len(calls)
+    for _, logged in calls:
+        for name, value in logged.items():
+            terms[name] = terms.get(name, 0.0) + value / len(calls)
+    return total, terms
+
+
+@torch.no_grad()
+def edit_video(generator, video: VideoAtlas, multiply_foreground_alpha: bool, chunk: int = 8):
+    """The whole atlas edited once and sampled to every frame.
+
+    Returns (atlas edit layer [1, 4, h, w], per-frame edit layers [T, 4, H, W]); a frame's edit
+    layer is composited over the original frame. A background edit is hidden behind the
+    foreground object; a foreground edit's opacity is multiplied by the object's opacity.
+    """
+    atlas_edit = generator(video.atlas).float()
+    layers = []
+    for start in tqdm(range(0, video.n_frames, chunk), desc="rendering frames"):
+        uv = video.uv[start:start + chunk]
+        e = sample_atlas(atlas_edit.expand(uv.shape[0], -1, -1, -1), video.box, uv, video.cfg["align_corners"])
+        colour, alpha = split_edit_layer(e)
+        fg_alpha = video.alpha[start:start + chunk]
+        if video.layer == "background":
+            alpha = alpha * (1 - fg_alpha)
+        elif multiply_foreground_alpha:
+            alpha = alpha * fg_alpha
+        layers.append(torch.cat([colour, alpha], dim=1))
+    return atlas_edit, torch.cat(layers)
+
+
+def composite_layers(frames, edit_layers: list):
+    """Edit layers ([T, 4, H, W] each, bottom first) over the frames [T, 3, H, W]."""
+    out = frames
+    for layer in edit_layers:
+        out = losses.composite(layer[:, :3], layer[:, 3:], out)
+    return out
+
+
+def save_video_outputs(folder: Path, frames, edit_layers: list, fps: int, atlases: dict | None = None):
+    """Write final/-style outputs into `folder` (built in a temporary folder, then renamed)."""
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    output = composite_layers(frames, edit_layers)
+    # all edit layers as one RGBA layer: opacity 1 - prod(1 - alpha_i), colour un-premultiplied
+    opacity = 1 - torch.stack([1 - layer[:, 3:] for layer in edit_layers]).prod(dim=0)
+    premultiplied = composite_layers(torch.zeros_like(frames), edit_layers)
+    top = torch.cat([premultiplied / opacity.clamp(min=1e-6), opacity], dim=1)
+    green = losses.over_green(top[:, :3], top[:, 3:])
+    write_video(output, tmp / "edited.mp4", fps)
+    write_video(green, tmp / "edit_layer_green.mp4", fps)
+    write_video(torch.cat([frames, green, output], dim=-1), tmp / "side_by_side.mp4", fps)
+    for t in range(frames.shape[0]):
+        save_png(output[t:t + 1], tmp / "frames" / f"{t:05d}.png")
+        save_png(top[t:t + 1], tmp / "edit_layer_rgba" / f"{t:05d}.png")
+    for name, image in (atlases or {}).items():
+        save_png(image, tmp / f"{name}.png")
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+
+
+def atlas_images(video: VideoAtlas, atlas_edit):
+    colour, alpha = split_edit_layer(atlas_edit)
+    return {"atlas_original": video.atlas, "atlas_edited": losses.composite(colour, alpha, video.atlas),
+            "atlas_edit_layer": atlas_edit}
+
+
+def train(cfg: dict) -> Path:
+    check_video_config(cfg)
+    device = pick_device(cfg["device"])
+    layer = "foreground" if cfg["finetune_foreground"] else "background"
+    video = VideoAtlas(cfg, layer, device)
+    clip = load_clip(cfg["clip_model_name"], device)
+    loss_fn = Text2LiveLoss(clip, cfg, device)
+    cfg["seed"] = resolve_seed(cfg["seed"])
+    torch.manual_seed(cfg["seed"])
+    rng, torch_gen = random.Random(cfg["seed"]), torch.Generator().manual_seed(cfg["seed"])
+    generator = make_generator(cfg).to(device)
+    optimizer = make_optimizer(generator.parameters(), cfg)
+    lr = cfg["lr"]
+
+    run_dir = new_run_dir(cfg)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(public(cfg), sort_keys=False))
+    log = LossLog(run_dir / "losses.csv")
+    n_steps = cfg["n_epochs"]
+    bar = tqdm(range(n_steps), desc=run_dir.name, dynamic_ncols=True)
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        total, terms = video_step(generator, video, loss_fn, step, rng, torch_gen, loss_fn.precision)
+        total.backward()
+        optimizer.step()
+        done = step + 1
+        log.write({"step": done, "total": float(total.detach()), "lr": lr, **terms})
+        if cfg["scheduler_policy"] == "exponential":
+            lr = max(cfg["min_lr"], cfg["gamma"] * lr)
+        bar.set_postfix(loss=f"{float(total.detach()):.4f}", lr=f"{lr:.2e}")
+        if done % cfg["log_images_freq"] == 0 and done < n_steps:
+            atlas_edit, layers = edit_video(generator, video, cfg["multiply_foreground_alpha"])
+            folder = run_dir / "intermediate" / f"step_{done:05d}"
+            for name, image in atlas_images(video, atlas_edit).items():
+                save_png(image, folder / f"{name}.png")
+            mid = video.n_frames // 2
+            save_png(composite_layers(video.frames[mid:mid + 1], [layers[mid:mid + 1]]), folder / f"frame_{mid:05d}.png")
+            if done >= cfg["save_model_starting_epoch"]:
+                save_atomic(model_state(generator, cfg, video), run_dir / "checkpoints" / f"generator_step_{done:05d}.pt")
+    bar.close()
+    log.close()
+    plot_losses(run_dir / "losses.csv", run_dir / "loss_curve.png")
+    save_atomic(model_state(generator, cfg, video), run_dir / "model.pt")
+    atlas_edit, layers = edit_video(generator, video, cfg["multiply_foreground_alpha"])
+    save_video_outputs(run_dir / "final", video.frames, [layers], cfg["fps"], atlas_images(video, atlas_edit))
+    print(f"done: {run_dir / 'final'}")
+    return run_dir
+
+
+def model_state(generator, cfg, video: VideoAtlas) -> dict:
+    return {"generator": generator.state_dict(), "generator_config": {k: cfg[k] for k in GENERATOR_KEYS},
+            "layer": video.layer, "config": public(cfg)}
+
+
+def render(cfg: dict) -> Path:
+    """Apply saved background and/or foreground edits (model.pt files) together to their video."""
+    device = pick_device(cfg["device"])
+    edits, frames = [], None
+    for key in ("render_background", "render_foreground"):  # background below, foreground on top
+        if not cfg[key]:
+            continue
+        path = Path(cfg[key])
+        path = path / "model.pt" if path.is_dir() else path
+        if not path.is_file():
+            raise ConfigError(f"{key}={cfg[key]}: no model.pt there; give a video run folder or its model.pt")
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if "layer" not in state:
+            raise ConfigError(f"{path} is not a video edit (no atlas layer recorded); use a train_video.py model.pt")
+        saved = state["config"]
+        video = VideoAtlas({**saved, "device": cfg["device"]}, state["layer"], device)
+        generator = Generator(**state["generator_config"]).to(device)
+        generator.load_state_dict(state["generator"])
+        _, layer = edit_video(generator, video, saved["multiply_foreground_alpha"])
+        if frames is not None and frames.shape != video.frames.shape:
+            raise ConfigError("the two edits belong to videos of different sizes; render edits of one video")
+        frames = video.frames
+        edits.append(layer)
+    if not edits:
+        raise ConfigError("nothing to render: set render_background= and/or render_foreground=")
+    out_dir = new_run_dir({**cfg, "_name": f"{cfg['_name']}-render"})
+    save_video_outputs(out_dir / "final", frames, edits, cfg["fps"])
+    print(f"rendered: {out_dir / 'final'}")
+    return out_dir
