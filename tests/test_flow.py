@@ -1,0 +1,45 @@
+import numpy as np
+import skimage.data
+import torch
+
+from util.flow import consistent, dis_flow, video_flows
+
+
+def shifted_pair(dx=3, dy=2):
+    photo = np.asarray(skimage.data.astronaut())[100:260, 100:300]  # 160x200 real texture
+    a = photo[10:130, 10:170]
+    b = photo[10 - dy:130 - dy, 10 - dx:170 - dx]  # content moves by (+dx, +dy)
+    return np.ascontiguousarray(a), np.ascontiguousarray(b)
+
+
+def test_dis_recovers_a_known_shift():
+    a, b = shifted_pair(3, 2)
+    flow = dis_flow(a, b)
+    inner = flow[15:-15, 15:-15]
+    assert np.allclose(np.median(inner[..., 0]), 3, atol=0.3)
+    assert np.allclose(np.median(inner[..., 1]), 2, atol=0.3)
+
+
+def test_consistency_check_masks_inconsistent_flow():
+    H, W = 20, 30
+    forward = np.zeros((H, W, 2), np.float32)
+    forward[..., 0] = 2.0
+    backward = np.zeros((H, W, 2), np.float32)
+    backward[..., 0] = -2.0
+    backward[:, 20:, 0] = 5.0  # an occlusion: going back does not return
+    ok = consistent(forward, backward)
+    assert ok[:, :15].all()
+    assert not ok[:, 20:].any()
+    assert not ok[:, -2:].any()  # leaves the frame
+
+
+def test_video_flows_shapes_and_cache(tmp_path):
+    a, b = shifted_pair()
+    frames = torch.from_numpy(np.stack([a, b, a])).permute(0, 3, 1, 2).float() / 255
+    flows = video_flows(frames, cache_dir=tmp_path, progress=False)
+    assert flows["forward"].shape == (2, 120, 160, 2) and flows["forward_ok"].dtype == torch.bool
+    assert flows["forward_ok"].float().mean() > 0.5
+    files = list(tmp_path.glob("flows_*.npz"))
+    assert len(files) == 1
+    again = video_flows(frames, cache_dir=tmp_path, progress=False)
+    assert torch.equal(again["backward"], flows["backward"])

@@ -1,0 +1,56 @@
+"""Neural Layered Atlases training losses (Kasten et al. 2021), as pure functions.
+
+Shapes: N sampled points; uv / mapping outputs [N, 2]; colours [N, 3]; opacity [N, 1].
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def rgb_loss(reconstruction, target):
+    """Mean squared colour error."""
+    return ((reconstruction - target) ** 2).sum(dim=-1).mean()
+
+
+def gradient_loss(rec, rec_dx, rec_dy, frame, frame_dx, frame_dy):
+    """Finite differences of the reconstruction match the frame's, in x and in y."""
+    return (((rec_dx - rec) - (frame_dx - frame)).abs().sum(dim=-1).mean()
+            + ((rec_dy - rec) - (frame_dy - frame)).abs().sum(dim=-1).mean())
+
+
+def rigidity_loss(m, m_dx, m_dy, step_normalized: float, uv_mapping_scale: float, eps: float = 1e-3):
+    """||J^T J||_F + ||(J^T J + eps I)^-1||_F, minus its value for a rigid (identity) map.
+
+    J: finite-difference Jacobian of a mapping's output w.r.t. (x, y) in normalised
+    coordinates with step `step_normalized`, divided by uv_mapping_scale, so the mapping
+    that pretraining starts from (output = uv_mapping_scale * (x, y)) has J = I and loss 0.
+    """
+    J = torch.stack([(m_dx - m) / step_normalized, (m_dy - m) / step_normalized], dim=-1) / uv_mapping_scale
+    JtJ = J.transpose(-2, -1) @ J  # [N, 2, 2]
+    eye = torch.eye(2, device=m.device, dtype=m.dtype)
+    value = JtJ.flatten(1).norm(dim=-1) + torch.linalg.inv(JtJ + eps * eye).flatten(1).norm(dim=-1)
+    ideal = math.sqrt(2) * (1 + 1 / (1 + eps))
+    return (value - ideal).mean()
+
+
+def flow_loss(uv, uv_next, weight, pixels_per_uv: float):
+    """Atlas positions of flow-corresponding points coincide, in pixels, weighted by layer opacity."""
+    distance = (uv - uv_next).norm(dim=-1, keepdim=True) * pixels_per_uv  # [N, 1]
+    return (weight * distance).mean()
+
+
+def alpha_flow_loss(alpha, alpha_next):
+    """Opacity is constant along the flow."""
+    return (alpha - alpha_next).abs().mean()
+
+
+def sparsity_loss(alpha, foreground_colour):
+    """Foreground atlas colour that is not shown (1 - opacity) should be black: a sparse atlas."""
+    return (((1 - alpha) * foreground_colour) ** 2).sum(dim=-1).mean()
+
+
+def alpha_bootstrap_loss(alpha, mask):
+    """Binary cross-entropy between opacity and a rough object mask (both [N, 1] in [0, 1])."""
+    return F.binary_cross_entropy(alpha.clamp(1e-4, 1 - 1e-4), mask)

@@ -1,0 +1,298 @@
+"""Training a Neural Layered Atlas for one video (Kasten et al. 2021), written in the official
+checkpoint format so train_video.py (and the original NLA / Text2LIVE code) load it.
+
+Per step, samples_batch pixels (x, y, t) are drawn; the model is evaluated at them and at
+their right and lower neighbours (gradient loss, local rigidity), at far neighbours (global
+rigidity) and at their flow-corresponding points in the next and previous frames.
+"""
+
+import csv
+import math
+import random
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+from tqdm import tqdm
+
+from datasets.video_frames import read_frames, read_masks, write_video
+from models.nla import MLP, NLAModel
+from util import nla_losses as L
+from util.config import ConfigError, public
+from util.flow import video_flows
+from util.image_io import save_png
+from util.image_training import pick_device, save_atomic
+
+
+class VideoData:
+    """Frames, optional masks and checked optical flow, on the training device."""
+
+    def __init__(self, video_path, masks_path, cfg: dict, out_dir: Path, device):
+        frames = read_frames(video_path, cfg["resx"], cfg["resy"], cfg["maximum_number_of_frames"], min_frames=2)
+        self.T, _, self.H, self.W = frames.shape
+        self.frames = frames.permute(0, 2, 3, 1).contiguous().to(device)  # [T, H, W, 3]
+        self.masks = None
+        if masks_path is not None:
+            self.masks = read_masks(masks_path, self.T, cfg["resx"], cfg["resy"])[:, 0].to(device)  # [T, H, W]
+        else:
+            warnings.warn("no masks given: training a background-only decomposition (opacity pushed to 0)")
+        flows = video_flows(frames, cache_dir=out_dir)
+        self.forward = flows["forward"].to(device)        # [T-1, H, W, 2] t -> t+1
+        self.backward = flows["backward"].to(device)      # [T-1, H, W, 2] t+1 -> t
+        self.forward_ok = flows["forward_ok"].to(device)  # [T-1, H, W]
+        self.backward_ok = flows["backward_ok"].to(device)
+
+
+def build_model(cfg: dict, data: VideoData) -> NLAModel:
+    """The four networks with the configured sizes (defaults: the official architecture)."""
+    atlas_layers = cfg["number_of_layers_atlas"]
+    networks = {
+        "mapping_foreground": MLP(3, 2, cfg["number_of_layers_mapping1"], cfg["number_of_channels_mapping1"]),
+        "mapping_background": MLP(3, 2, cfg["number_of_layers_mapping2"], cfg["number_of_channels_mapping2"]),
+        "atlas": MLP(2, 3, atlas_layers, cfg["number_of_channels_atlas"], cfg["positional_encoding_num_atlas"],
+                     tuple(i for i in (4, 7) if i < atlas_layers)),
+        "alpha": MLP(3, 1, cfg["number_of_layers_alpha"], cfg["number_of_channels_alpha"],
+                     cfg["positional_encoding_num_alpha"]),
+    }
+    return NLAModel(data.W, data.H, data.T, networks)
+
+
+def sample_pixels(n: int, data: VideoData, generator: torch.Generator, device):
+    """Random integer (t, y, x), leaving room for the right and lower neighbours."""
+    t = torch.randint(0, data.T, (n,), generator=generator).to(device)
+    y = torch.randint(0, data.H - 1, (n,), generator=generator).to(device)
+    x = torch.randint(0, data.W - 1, (n,), generator=generator).to(device)
+    return t, y, x
+
+
+def pretrain_mappings(nla: NLAModel, data: VideoData, cfg: dict, generator, device):
+    """Make both mappings start as UV = uv_mapping_scale * (x, y) (normalised coordinates)."""
+    params = list(nla.mapping_foreground.parameters()) + list(nla.mapping_background.parameters())
+    opt = torch.optim.Adam(params, lr=cfg["lr"])
+    s = cfg["uv_mapping_scale"]
+    for _ in tqdm(range(cfg["pretrain_iter_number"]), desc="pretraining mappings"):
+        t, y, x = sample_pixels(cfg["samples_batch"], data, generator, device)
+        p = nla.normalize(x.float(), y.float(), t.float())
+        target = s * p[:, :2]
+        loss = F.mse_loss(nla.mapping_foreground(p), target) + F.mse_loss(nla.mapping_background(p), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def step_losses(nla: NLAModel, data: VideoData, cfg: dict, it: int, generator, device):
+    """All weighted losses of one step: (total, {name: float}, batch reconstruction mse)."""
+    n = cfg["samples_batch"]
+    t, y, x = sample_pixels(n, data, generator, device)
+    tf, yf, xf = t.float(), y.float(), x.float()
+    half = max(data.W, data.H) / 2
+    s = cfg["uv_mapping_scale"]
+    d = cfg["derivative_amount"]
+
+    # the point, its right and lower neighbours (+1 px: gradient loss; +d px: rigidity)
+    points = [nla.normalize(xf, yf, tf), nla.normalize(xf + 1, yf, tf), nla.normalize(xf, yf + 1, tf)]
+    if d != 1:
+        points += [nla.normalize(xf + d, yf, tf), nla.normalize(xf, yf + d, tf)]
+    P = torch.cat(points)
+    m_f, m_b = nla.mapping_foreground(P), nla.mapping_background(P)
+    fg, bg = nla.colour(0.5 * m_f + 0.5), nla.colour(0.5 * m_b - 0.5)
+    alpha = nla.opacity(P)
+    rec = alpha * fg + (1 - alpha) * bg
+    r0, r_dx, r_dy = rec[:n], rec[n:2 * n], rec[2 * n:3 * n]
+    frame = data.frames[t, y, x]
+    mse = L.rgb_loss(r0, frame)
+    terms = {"rgb": cfg["rgb_coeff"] * mse,
+             "gradient": cfg["gradient_loss_coeff"] * L.gradient_loss(
+                 r0, r_dx, r_dy, frame, data.frames[t, y, x + 1], data.frames[t, y + 1, x])}
+
+    k = 1 if d == 1 else 3
+    step = d / half
+    rigidity = (L.rigidity_loss(m_f[:n], m_f[k * n:(k + 1) * n], m_f[(k + 1) * n:(k + 2) * n], step, s)
+                + L.rigidity_loss(m_b[:n], m_b[k * n:(k + 1) * n], m_b[(k + 1) * n:(k + 2) * n], step, s))
+    terms["rigidity"] = cfg["rigidity_coeff"] * rigidity
+
+    if it < cfg["stop_global_rigidity"]:
+        for name, net, amount, coeff in (
+                ("fg", nla.mapping_foreground, cfg["global_rigidity_derivative_amount_fg"], cfg["global_rigidity_coeff_fg"]),
+                ("bg", nla.mapping_background, cfg["global_rigidity_derivative_amount_bg"], cfg["global_rigidity_coeff_bg"])):
+            m = m_f if name == "fg" else m_b
+            far = net(torch.cat([nla.normalize(xf + amount, yf, tf), nla.normalize(xf, yf + amount, tf)]))
+            terms[f"global_rigidity_{name}"] = coeff * L.rigidity_loss(m[:n], far[:n], far[n:], amount / half, s)
+
+    # optical flow, forward (t -> t+1) and backward (t -> t-1), where the flow passed its check
+    flow_fg, flow_bg, flow_alpha, count = 0.0, 0.0, 0.0, 0
+    for flows, ok, dt in ((data.forward, data.forward_ok, 1), (data.backward, data.backward_ok, -1)):
+        has = (t < data.T - 1) if dt == 1 else (t > 0)
+        idx = torch.nonzero(has, as_tuple=True)[0]
+        pair = t[idx] if dt == 1 else t[idx] - 1  # index into the T-1 flow fields
+        valid = ok[pair, y[idx], x[idx]]
+        idx, pair = idx[valid], pair[valid]
+        if idx.numel() == 0:
+            continue
+        f = flows[pair, y[idx], x[idx]]  # [M, 2]
+        q = nla.normalize(xf[idx] + f[:, 0], yf[idx] + f[:, 1], tf[idx] + dt)
+        to_pixels = half / s  # mapping-output difference -> pixels
+        a = alpha[idx]
+        flow_fg = flow_fg + L.flow_loss(m_f[idx], nla.mapping_foreground(q), a, to_pixels) * idx.numel()
+        flow_bg = flow_bg + L.flow_loss(m_b[idx], nla.mapping_background(q), 1 - a, to_pixels) * idx.numel()
+        flow_alpha = flow_alpha + L.alpha_flow_loss(a, nla.opacity(q)) * idx.numel()
+        count += idx.numel()
+    if count:
+        terms["flow"] = cfg["optical_flow_coeff"] * (flow_fg + flow_bg) / count
+        terms["alpha_flow"] = cfg["alpha_flow_factor"] * flow_alpha / count
+
+    terms["sparsity"] = cfg["sparsity_coeff"] * L.sparsity_loss(alpha[:n], fg[:n])
+    if data.masks is None:
+        terms["alpha_bootstrap"] = cfg["alpha_bootstrapping_factor"] * L.alpha_bootstrap_loss(
+            alpha[:n], torch.zeros_like(alpha[:n]))
+    elif it < cfg["stop_bootstrapping_iteration"]:
+        terms["alpha_bootstrap"] = cfg["alpha_bootstrapping_factor"] * L.alpha_bootstrap_loss(
+            alpha[:n], data.masks[t, y, x][:, None])
+    total = sum(terms.values())
+    return total, {k: float(v.detach()) for k, v in terms.items()}, float(mse.detach()) / 3
+
+
+@torch.no_grad()
+def reconstruct(nla: NLAModel, frames=None, chunk: int = 65536):
+    """Every frame rendered by the model: [T, 3, H, W]."""
+    return torch.stack([nla.render_frame(t, chunk, device=next(nla.parameters()).device)["rgb"]
+                        for t in range(nla.n_frames)]).permute(0, 3, 1, 2)
+
+
+def psnr(a, b) -> float:
+    mse = float(((a - b) ** 2).mean())
+    return 10 * math.log10(1 / max(mse, 1e-12))
+
+
+def checkerboard(uv, squares: int = 20):
+    """A two-colour checkerboard texture evaluated at UVs [..., 2] -> [..., 1] in {0, 1}."""
+    cells = torch.floor(uv * squares)
+    return ((cells[..., :1] + cells[..., 1:]) % 2)
+
+
+@torch.no_grad()
+def checkerboard_video(nla: NLAModel, chunk: int = 65536):
+    """A checkerboard on each atlas (foreground red/white, background blue/white) mapped to the frames."""
+    device = next(nla.parameters()).device
+    out = []
+    for t in range(nla.n_frames):
+        m = nla.render_frame(t, chunk, device=device)
+        cf, cb = checkerboard(m["uv_fg"]), checkerboard(m["uv_bg"])
+        fg = torch.cat([torch.ones_like(cf), cf, cf], dim=-1)
+        bg = torch.cat([cb, cb, torch.ones_like(cb)], dim=-1)
+        out.append(m["alpha"] * fg + (1 - m["alpha"]) * bg)
+    return torch.stack(out).permute(0, 3, 1, 2)  # [T, 3, H, W]
+
+
+def flow_warp_error(video, data: VideoData) -> float:
+    """Mean |video[t+1] warped back by the flow - video[t]| on flow-consistent pixels."""
+    T, _, H, W = video.shape
+    ys, xs = torch.meshgrid(torch.arange(H, device=video.device), torch.arange(W, device=video.device), indexing="ij")
+    errors = []
+    for t in range(T - 1):
+        f = data.forward[t].to(video.device)
+        gx = (xs + f[..., 0]) / (W - 1) * 2 - 1
+        gy = (ys + f[..., 1]) / (H - 1) * 2 - 1
+        warped = F.grid_sample(video[t + 1:t + 2], torch.stack([gx, gy], -1)[None].float(), align_corners=True)
+        ok = data.forward_ok[t].to(video.device)
+        errors.append((warped[0] - video[t]).abs().mean(dim=0)[ok])
+    return float(torch.cat(errors).mean())
+
+
+@torch.no_grad()
+def save_previews(nla: NLAModel, data: VideoData, folder: Path, cfg: dict, recon=None):
+    """Reconstruction vs input, both atlases, and the checkerboard mapped through them."""
+    device = next(nla.parameters()).device
+    folder.mkdir(parents=True, exist_ok=True)
+    recon = reconstruct(nla) if recon is None else recon
+    frames = data.frames.permute(0, 3, 1, 2)
+    mid = data.T // 2
+    for t in (0, mid):
+        save_png(torch.cat([frames[t:t + 1], recon[t:t + 1]], dim=-1), folder / f"reconstruction_{t:05d}.png")
+    res = cfg["preview_atlas_resolution"]
+    grid = torch.stack(torch.meshgrid((torch.arange(res, device=device) + 0.5) / res,
+                                      (torch.arange(res, device=device) + 0.5) / res, indexing="xy"), -1)
+    for name, offset in (("atlas_foreground", 0.0), ("atlas_background", -1.0)):
+        colour = nla.colour(grid.reshape(-1, 2) + offset).view(res, res, 3).permute(2, 0, 1)[None]
+        save_png(colour, folder / f"{name}.png")
+    board = checkerboard_video(nla)
+    for t in (0, mid):
+        save_png(board[t:t + 1], folder / f"checkerboard_{t:05d}.png")
+
+
+def train(cfg: dict, video_path, masks_path, out_dir) -> Path:
+    """Train (or resume) an atlas; write out_dir/checkpoint and the run's outputs."""
+    out_dir = Path(out_dir)
+    device = pick_device(cfg["device"])
+    data = VideoData(video_path, masks_path, cfg, out_dir, device)
+    torch.manual_seed(cfg["seed"])
+    generator = torch.Generator().manual_seed(cfg["seed"])
+    nla = build_model(cfg, data).to(device)
+    opt = torch.optim.Adam(nla.parameters(), lr=cfg["lr"])
+    ckpt_path = out_dir / "checkpoint"
+    start = 0
+    if ckpt_path.is_file():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        start = int(state.get("iteration", 0))
+        if start >= cfg["iters_num"]:
+            raise ConfigError(f"{ckpt_path} already has {start} iterations; raise iters_num or choose another --out")
+        nla = NLAModel.from_checkpoint(ckpt_path, data.W, data.H, data.T).to(device)
+        opt = torch.optim.Adam(nla.parameters(), lr=cfg["lr"])
+        if "optimizer_state_dict" in state:
+            opt.load_state_dict(state["optimizer_state_dict"])
+        print(f"resuming {ckpt_path} at iteration {start}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(yaml.safe_dump(
+        {**public(cfg), "video": str(video_path), "masks": None if masks_path is None else str(masks_path)},
+        sort_keys=False))
+    if start == 0:
+        pretrain_mappings(nla, data, cfg, generator, device)
+
+    def save(iteration):
+        save_atomic({**nla.checkpoint(), "iteration": iteration, "optimizer_state_dict": opt.state_dict(),
+                     "resx": data.W, "resy": data.H, "number_of_frames": data.T}, ckpt_path)
+
+    log_path = out_dir / "psnr_log.csv"
+    new_log = not log_path.exists() or start == 0
+    log = open(log_path, "w" if new_log else "a", newline="")
+    writer = csv.writer(log)
+    if new_log:
+        writer.writerow(["iteration", "seconds", "batch_psnr", "video_psnr"])
+    began = time.time()
+    bar = tqdm(range(start, cfg["iters_num"]), initial=start, total=cfg["iters_num"], desc="atlas", dynamic_ncols=True)
+    it = start
+    try:
+        for it in bar:
+            total, terms, mse = step_losses(nla, data, cfg, it, generator, device)
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            opt.step()
+            batch_psnr = 10 * math.log10(1 / max(mse, 1e-12))
+            bar.set_postfix(psnr=f"{batch_psnr:.2f}dB", loss=f"{float(total.detach()):.3f}")
+            done = it + 1
+            if done % cfg["evaluate_every"] == 0 and done < cfg["iters_num"]:
+                recon = reconstruct(nla)
+                video_psnr = psnr(recon, data.frames.permute(0, 3, 1, 2))
+                writer.writerow([done, round(time.time() - began, 1), round(batch_psnr, 3), round(video_psnr, 3)])
+                log.flush()
+                save_previews(nla, data, out_dir / "previews" / f"iter_{done:06d}", cfg, recon)
+                save(done)
+            it = done
+    except KeyboardInterrupt:
+        save(it)
+        print(f"\ninterrupted at iteration {it}; run the same command again to resume")
+        raise
+    finally:
+        bar.close()
+    save(cfg["iters_num"])
+    recon = reconstruct(nla)
+    video_psnr = psnr(recon, data.frames.permute(0, 3, 1, 2))
+    writer.writerow([cfg["iters_num"], round(time.time() - began, 1), "", round(video_psnr, 3)])
+    log.close()
+    save_previews(nla, data, out_dir / "previews" / "final", cfg, recon)
+    write_video(torch.cat([data.frames.permute(0, 3, 1, 2), recon], dim=-1), out_dir / "reconstruction.mp4", cfg["fps"])
+    print(f"atlas checkpoint: {ckpt_path} (video PSNR {video_psnr:.2f} dB)")
+    return ckpt_path
