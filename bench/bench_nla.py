@@ -1,0 +1,66 @@
+"""Benchmark atlas training for a time budget (a benchmark, not a test).
+
+    python bench/bench_nla.py --video DIR [--masks DIR] --resx 432 --resy 240 --minutes 30 [key=value ...]
+
+Trains with the configured settings (configs/nla_config.yaml + overrides) until the budget is
+spent, then prints one JSON line: wall time, steps, reconstruction PSNR over all frames, and
+the flow warp error of a checkerboard edit mapped through the atlases to the frames.
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from util.config import load_config  # noqa: E402
+from util.image_training import pick_device  # noqa: E402
+from util.nla_training import (VideoData, build_model, checkerboard_video, flow_warp_error,  # noqa: E402
+                               pretrain_mappings, psnr, reconstruct, step_losses)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--video", required=True)
+    parser.add_argument("--masks", default=None)
+    parser.add_argument("--resx", type=int, default=432)
+    parser.add_argument("--resy", type=int, default=240)
+    parser.add_argument("--minutes", type=float, default=30)
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args()
+    cfg = load_config("nla", overrides=[f"resx={args.resx}", f"resy={args.resy}", *args.overrides])
+    device = pick_device(cfg["device"])
+    start = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        data = VideoData(args.video, args.masks, cfg, Path(tmp), device)
+        torch.manual_seed(cfg["seed"])
+        generator = torch.Generator().manual_seed(cfg["seed"])
+        nla = build_model(cfg, data).to(device)
+        pretrain_mappings(nla, data, cfg, generator, device)
+        opt = torch.optim.Adam(nla.parameters(), lr=cfg["lr"])
+        steps = 0
+        while time.time() - start < args.minutes * 60 and steps < cfg["iters_num"]:
+            total, _, _ = step_losses(nla, data, cfg, steps, generator, device)
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            opt.step()
+            steps += 1
+        train_seconds = time.time() - start
+        frames = data.frames.permute(0, 3, 1, 2)
+        result = {
+            "video": args.video, "resolution": f"{data.W}x{data.H}", "frames": data.T, "device": str(device),
+            "wall_seconds": round(train_seconds, 1), "steps": steps,
+            "psnr_db": round(psnr(reconstruct(nla), frames), 2),
+            "checkerboard_flow_warp_error": round(flow_warp_error(checkerboard_video(nla), data), 4),
+            "input_flow_warp_error": round(flow_warp_error(frames, data), 4),
+        }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
