@@ -32,8 +32,12 @@ def resolve_data_path(path: str) -> str:
     if parts[:1] != ("data",):
         return path
     candidates = [shared_data_root().joinpath(*parts[1:])]
-    if parts[1:2] == ("videos",) and len(parts) >= 3:  # the shared DAVIS layout: davis/<name>/frames
-        candidates.append(shared_data_root() / "davis" / parts[2] / "frames")
+    if parts[1:2] == ("videos",) and len(parts) >= 3:  # the shared DAVIS layout: davis/<name>/{frames,masks}
+        name = parts[2]
+        if name.endswith("_masks"):
+            candidates.append(shared_data_root() / "davis" / name[:-len("_masks")] / "masks")
+        else:
+            candidates.append(shared_data_root() / "davis" / name / "frames")
     if parts[1:2] == ("pretrained_nla_models",):  # atlases trained here by train_nla.py
         candidates.append(Path(__file__).resolve().parent.parent.joinpath(*parts[1:]))
     for candidate in candidates:
