@@ -110,6 +110,64 @@ class MLP(nn.Module):
                 self.frequencies, self.skips)
 
 
+_PRIMES = (1, 2654435761, 805459861)
+
+
+class HashGrid(nn.Module):
+    """Multiresolution hash encoding (Mueller et al. 2022), plain PyTorch.
+
+    x [N, D] in [-1, 1]^D -> [N, levels * features]: per level, the 2^D grid corners around x
+    are hashed into a table of learned features and interpolated (bi/trilinearly).
+    """
+
+    def __init__(self, dims: int, levels: int = 12, features: int = 2, log2_table: int = 16,
+                 base_resolution: int = 16, max_resolution: int = 1024):
+        super().__init__()
+        self.dims, self.levels, self.features, self.table_size = dims, levels, features, 2 ** log2_table
+        growth = (max_resolution / base_resolution) ** (1 / max(levels - 1, 1))
+        resolutions = torch.tensor([math.floor(base_resolution * growth ** l) for l in range(levels)])
+        self.register_buffer("resolutions", resolutions.float(), persistent=False)
+        corners = torch.tensor([[(c >> d) & 1 for d in range(dims)] for c in range(2 ** dims)])
+        self.register_buffer("corners", corners, persistent=False)  # [2^D, D]
+        self.tables = nn.Parameter(torch.empty(levels, self.table_size, features).uniform_(-1e-4, 1e-4))
+        self.config = dict(dims=dims, levels=levels, features=features, log2_table=log2_table,
+                           base_resolution=base_resolution, max_resolution=max_resolution)
+
+    def forward(self, x):
+        u = ((x + 1) / 2).clamp(0, 1)  # [N, D]
+        pos = u[:, None, :] * self.resolutions[None, :, None]  # [N, L, D]
+        low = pos.floor()
+        frac = pos - low  # [N, L, D]
+        cell = low.long()[:, :, None, :] + self.corners[None, None]  # [N, L, 2^D, D]
+        index = cell[..., 0] * _PRIMES[0]
+        for d in range(1, self.dims):
+            index = index ^ (cell[..., d] * _PRIMES[d])
+        index = index % self.table_size + torch.arange(self.levels, device=x.device)[None, :, None] * self.table_size
+        values = self.tables.view(-1, self.features)[index]  # [N, L, 2^D, F]
+        c = self.corners[None, None].to(frac.dtype)  # [1, 1, 2^D, D]
+        weights = (frac[:, :, None, :] * c + (1 - frac[:, :, None, :]) * (1 - c)).prod(dim=-1)  # [N, L, 2^D]
+        return (weights[..., None] * values).sum(dim=2).flatten(1)  # [N, L*F]
+
+
+class HashMLP(nn.Module):
+    """A hash-grid encoding followed by a small MLP with tanh output (the `hashgrid` backend)."""
+
+    def __init__(self, in_dim: int, out_dim: int, width: int = 64, hidden_layers: int = 2, **grid):
+        super().__init__()
+        self.encoding = HashGrid(in_dim, **grid)
+        layers, c = [], self.encoding.levels * self.encoding.features
+        for _ in range(hidden_layers):
+            layers += [nn.Linear(c, width), nn.ReLU(inplace=True)]
+            c = width
+        layers.append(nn.Linear(c, out_dim))
+        self.net = nn.Sequential(*layers)
+        self.config = dict(in_dim=in_dim, out_dim=out_dim, width=width, hidden_layers=hidden_layers,
+                           **{k: v for k, v in self.encoding.config.items() if k != "dims"})
+
+    def forward(self, x):
+        return torch.tanh(self.net(self.encoding(x)))
+
+
 class NLAModel(nn.Module):
     """The four NLA networks and the mapping from frame pixels to layers, UVs and colours.
 
@@ -167,8 +225,13 @@ class NLAModel(nn.Module):
 
     # ---- files -------------------------------------------------------------------------------
     def checkpoint(self) -> dict:
-        """A dict in the official NLA / Text2LIVE checkpoint format."""
-        return {key: getattr(self, name).state_dict() for name, key in CHECKPOINT_KEYS.items()}
+        """A dict in the official NLA / Text2LIVE checkpoint format (hash-grid models add their
+        backend and architectures, which only this project reads)."""
+        out = {key: getattr(self, name).state_dict() for name, key in CHECKPOINT_KEYS.items()}
+        if isinstance(self.atlas, HashMLP):
+            out["atlas_backend"] = "hashgrid"
+            out["architectures"] = {name: getattr(self, name).config for name in CHECKPOINT_KEYS}
+        return out
 
     @classmethod
     def from_checkpoint(cls, path, resx: int, resy: int, n_frames: int) -> "NLAModel":
@@ -186,6 +249,14 @@ class NLAModel(nn.Module):
         if missing:
             raise CheckpointError(f"NLA checkpoint {path} lacks {', '.join(missing)}; "
                                   "is it a Neural Layered Atlases checkpoint?")
+        if state.get("atlas_backend") == "hashgrid":
+            networks = {name: HashMLP(**state["architectures"][name]) for name in CHECKPOINT_KEYS}
+            for name, key in CHECKPOINT_KEYS.items():
+                try:
+                    networks[name].load_state_dict(state[key])
+                except RuntimeError as e:
+                    raise CheckpointError(f"{path.name}:{key} does not match its stored architecture") from e
+            return cls(resx, resy, n_frames, networks)
         in_dims = {"mapping_foreground": 3, "mapping_background": 3, "atlas": 2, "alpha": 3}
         networks = {}
         for name, key in CHECKPOINT_KEYS.items():

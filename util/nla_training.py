@@ -19,7 +19,7 @@ import yaml
 from tqdm import tqdm
 
 from datasets.video_frames import read_frames, read_masks, write_video
-from models.nla import MLP, NLAModel
+from models.nla import MLP, HashMLP, NLAModel
 from util import nla_losses as L
 from util.config import ConfigError, public
 from util.flow import video_flows
@@ -47,7 +47,16 @@ class VideoData:
 
 
 def build_model(cfg: dict, data: VideoData) -> NLAModel:
-    """The four networks with the configured sizes (defaults: the official architecture)."""
+    """The four networks: the official MLPs (atlas_backend=mlp) or hash grids + small MLPs."""
+    if cfg["atlas_backend"] == "hashgrid":
+        grid = dict(levels=cfg["hash_levels"], features=cfg["hash_features"], log2_table=cfg["hash_log2_table"],
+                    base_resolution=16, width=cfg["hash_mlp_width"])
+        return NLAModel(data.W, data.H, data.T, {
+            "mapping_foreground": HashMLP(3, 2, max_resolution=cfg["hash_max_resolution_mapping"], **grid),
+            "mapping_background": HashMLP(3, 2, max_resolution=cfg["hash_max_resolution_mapping"], **grid),
+            "atlas": HashMLP(2, 3, max_resolution=cfg["hash_max_resolution_atlas"], **grid),
+            "alpha": HashMLP(3, 1, max_resolution=cfg["hash_max_resolution_mapping"], **grid),
+        })
     atlas_layers = cfg["number_of_layers_atlas"]
     networks = {
         "mapping_foreground": MLP(3, 2, cfg["number_of_layers_mapping1"], cfg["number_of_channels_mapping1"]),
