@@ -30,7 +30,7 @@ from util import losses
 from util.atlas import AtlasBox, bounding_box, discretize_atlas, frame_maps, sample_atlas
 from util.clip_loss import Text2LiveLoss
 from util.config import ConfigError, check_texts, public
-from util.image_io import save_png
+from util.image_io import resolve_data_path, save_png
 from util.image_training import (GENERATOR_KEYS, LossLog, make_generator, make_optimizer, new_run_dir,
                                  pick_device, plot_losses, resolve_seed, save_atomic)
 from util.precision import autocast
@@ -53,8 +53,6 @@ class VideoAtlas:
     """The frames, the NLA model, and the edited layer's UV maps and discretised atlas."""
 
     def __init__(self, cfg: dict, layer: str, device):
-        from util.image_io import resolve_data_path
-
         self.cfg, self.layer, self.device = cfg, layer, device
         self.frames = read_frames(default_video_path(cfg), cfg["resx"], cfg["resy"],
                                   cfg["maximum_number_of_frames"]).to(device)  # [T, 3, H, W]
