@@ -133,3 +133,16 @@ def test_every_paper_example_config_loads():
     winter = load_config("video", example="car-turn_winter")
     assert winter["screen_text"] == ["winter scene", "snow everywhere", "beautiful snow"]
     assert (winter["resx"], winter["resy"], winter["n_aug"], winter["lambda_structure"]) == (768, 432, 6, 3.0)
+
+
+def test_atlas_preparation_is_cached_for_the_next_run(overrides, capsys):
+    from util.video_training import VideoAtlas
+    cfg = load_config("video", example="car-turn_winter", overrides=[*overrides, "grid_atlas_resolution=310"])
+    first = VideoAtlas(cfg, "background", torch.device("cpu"))
+    assert "loaded from" not in capsys.readouterr().out
+    second = VideoAtlas(cfg, "background", torch.device("cpu"))
+    assert "atlas preparation loaded from" in capsys.readouterr().out
+    assert torch.equal(first.uv, second.uv) and torch.equal(first.atlas, second.atlas)
+    assert torch.equal(first.layer_frames, second.layer_frames)
+    uncached = VideoAtlas({**cfg, "atlas_cache": False}, "background", torch.device("cpu"))
+    assert "loaded from" not in capsys.readouterr().out and torch.equal(uncached.atlas, first.atlas)

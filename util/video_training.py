@@ -13,9 +13,11 @@ edited.mp4 + frames/, edit_layer_green.mp4 + edit_layer_rgba/, atlas_original.pn
 atlas_edited.png, atlas_edit_layer.png, side_by_side.mp4 (input | edit over green | output).
 """
 
+import hashlib
 import math
 import random
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -57,27 +59,58 @@ class VideoAtlas:
         self.frames = read_frames(default_video_path(cfg), cfg["resx"], cfg["resy"],
                                   cfg["maximum_number_of_frames"]).to(device)  # [T, 3, H, W]
         T = self.frames.shape[0]
-        self.nla = NLAModel.from_checkpoint(resolve_data_path(cfg["checkpoint_path"]), cfg["resx"], cfg["resy"], T)
+        checkpoint = Path(resolve_data_path(cfg["checkpoint_path"]))
+        self.nla = NLAModel.from_checkpoint(checkpoint, cfg["resx"], cfg["resy"], T)
         self.nla = self.nla.to(device).eval().requires_grad_(False)
+        cache = self.cache_path(checkpoint, T) if cfg.get("atlas_cache", True) else None
+        if cache is not None and cache.is_file():
+            prepared = torch.load(cache, map_location=device, weights_only=False)
+            print(f"atlas preparation loaded from {cache}")
+        else:
+            prepared = self.prepare(cfg, layer, device)
+            if cache is not None:
+                try:
+                    save_atomic({k: v.cpu() if torch.is_tensor(v) else v for k, v in prepared.items()}, cache)
+                except OSError as e:  # a read-only checkpoint folder: carry on without the cache
+                    warnings.warn(f"could not cache the atlas preparation at {cache} ({e.strerror})")
+        self.alpha, self.uv, self.mask = prepared["alpha"], prepared["uv"], prepared["mask"]
+        self.box, self.atlas = AtlasBox(**prepared["box"]), prepared["atlas"]
+        self.check_atlas_size(self.box)
+        self.layer_frames = torch.cat([sample_atlas(self.atlas, self.box, self.uv[t:t + 1], cfg["align_corners"])
+                                       for t in range(T)])  # [T, 3, H, W] the layer as the atlas shows it
+
+    def check_atlas_size(self, box: AtlasBox):
+        if max(box.size) <= 2 ** self.cfg["num_scales"]:
+            raise ConfigError(f"the {self.layer} atlas is only {box.size[0]}x{box.size[1]} px at "
+                              f"grid_atlas_resolution={self.cfg['grid_atlas_resolution']}; raise it or lower num_scales")
+
+    def cache_path(self, checkpoint: Path, T: int) -> Path:
+        """Where this preparation is kept: next to the checkpoint, keyed by everything it depends on."""
+        cfg, stat = self.cfg, checkpoint.stat()
+        key = (stat.st_size, stat.st_mtime_ns, cfg["resx"], cfg["resy"], T, self.layer,
+               cfg["grid_atlas_resolution"], cfg["mask_alpha_threshold"])
+        digest = hashlib.sha256(repr(key).encode()).hexdigest()[:16]
+        return checkpoint.parent / "atlas_cache" / f"{self.layer}_{digest}.pt"
+
+    def prepare(self, cfg: dict, layer: str, device) -> dict:
+        """UV maps, opacity, the atlas box and the discretised atlas (the slow part, done once)."""
         maps = frame_maps(self.nla, device)
-        self.alpha = maps["alpha"].permute(0, 3, 1, 2)  # [T, 1, H, W] foreground opacity
-        self.uv = maps["uv_fg" if layer == "foreground" else "uv_bg"]  # [T, H, W, 2]
+        alpha = maps["alpha"].permute(0, 3, 1, 2)  # [T, 1, H, W] foreground opacity
+        uv = maps["uv_fg" if layer == "foreground" else "uv_bg"]  # [T, H, W, 2]
         if layer == "foreground":
-            self.mask = self.alpha[:, 0] > cfg["mask_alpha_threshold"]  # [T, H, W]
-            if not self.mask.any():
+            mask = alpha[:, 0] > cfg["mask_alpha_threshold"]  # [T, H, W]
+            if not mask.any():
                 raise ConfigError(f"no pixel has foreground opacity above mask_alpha_threshold="
                                   f"{cfg['mask_alpha_threshold']}; lower it or edit the background")
             resolution = cfg["grid_atlas_resolution"]
         else:
-            self.mask = torch.ones_like(self.alpha[:, 0], dtype=torch.bool)
+            mask = torch.ones_like(alpha[:, 0], dtype=torch.bool)
             resolution = cfg["grid_atlas_resolution"] / 3  # the background atlas at a third, for memory
-        self.box = bounding_box(self.uv[self.mask], resolution=resolution)
-        if max(self.box.size) <= 2 ** cfg["num_scales"]:
-            raise ConfigError(f"the {layer} atlas is only {self.box.size[0]}x{self.box.size[1]} px at "
-                              f"grid_atlas_resolution={cfg['grid_atlas_resolution']}; raise it or lower num_scales")
-        self.atlas = discretize_atlas(self.nla, self.box, device)  # [1, 3, h, w]
-        self.layer_frames = torch.cat([sample_atlas(self.atlas, self.box, self.uv[t:t + 1], cfg["align_corners"])
-                                       for t in range(T)])  # [T, 3, H, W] the layer as the atlas shows it
+        box = bounding_box(uv[mask], resolution=resolution)
+        self.check_atlas_size(box)
+        atlas = discretize_atlas(self.nla, box, device)  # [1, 3, h, w]
+        return {"alpha": alpha, "uv": uv, "mask": mask, "atlas": atlas,
+                "box": dict(u0=box.u0, v0=box.v0, u1=box.u1, v1=box.v1, resolution=box.resolution)}
 
     @property
     def n_frames(self) -> int:
