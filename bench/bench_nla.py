@@ -21,7 +21,7 @@ import torch  # noqa: E402
 from util.config import load_config  # noqa: E402
 from util.image_training import pick_device  # noqa: E402
 from util.nla_training import (VideoData, build_model, checkerboard_video, flow_warp_error,  # noqa: E402
-                               pretrain_mappings, psnr, reconstruct, step_losses)
+                               make_optimizer, pretrain_mappings, psnr, reconstruct, step_losses)
 
 
 def main():
@@ -31,27 +31,38 @@ def main():
     parser.add_argument("--resx", type=int, default=432)
     parser.add_argument("--resy", type=int, default=240)
     parser.add_argument("--minutes", type=float, default=30)
+    parser.add_argument("--config", default=None, help="a YAML file overriding configs/nla_config.yaml")
+    parser.add_argument("--log_minutes", type=float, default=0,
+                        help="also print the video PSNR every this many training minutes (evaluation time "
+                             "is not counted)")
+    parser.add_argument("--work", default=None, help="folder for the flow cache (default: a temporary one)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args()
-    cfg = load_config("nla", overrides=[f"resx={args.resx}", f"resy={args.resy}", *args.overrides])
+    cfg = load_config("nla", config=args.config, overrides=[f"resx={args.resx}", f"resy={args.resy}", *args.overrides])
     device = pick_device(cfg["device"])
     start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        data = VideoData(args.video, args.masks, cfg, Path(tmp), device)
+        data = VideoData(args.video, args.masks, cfg, Path(args.work or tmp), device)
+        frames = data.frames.permute(0, 3, 1, 2)
         torch.manual_seed(cfg["seed"])
         generator = torch.Generator().manual_seed(cfg["seed"])
         nla = build_model(cfg, data).to(device)
         pretrain_mappings(nla, data, cfg, generator, device)
-        opt = torch.optim.Adam(nla.parameters(), lr=cfg["lr"])
-        steps = 0
-        while time.time() - start < args.minutes * 60 and steps < cfg["iters_num"]:
+        opt = make_optimizer(nla, cfg)
+        steps, paused, next_log = 0, 0.0, args.log_minutes * 60
+        while time.time() - start - paused < args.minutes * 60 and steps < cfg["iters_num"]:
             total, _, _ = step_losses(nla, data, cfg, steps, generator, device)
             opt.zero_grad(set_to_none=True)
             total.backward()
             opt.step()
             steps += 1
-        train_seconds = time.time() - start
-        frames = data.frames.permute(0, 3, 1, 2)
+            if args.log_minutes and time.time() - start - paused >= next_log:
+                began = time.time()
+                print(json.dumps({"minutes": round(next_log / 60, 2), "steps": steps,
+                                  "psnr_db": round(psnr(reconstruct(nla), frames), 2)}), file=sys.stderr, flush=True)
+                paused += time.time() - began
+                next_log += args.log_minutes * 60
+        train_seconds = time.time() - start - paused
         result = {
             "video": args.video, "resolution": f"{data.W}x{data.H}", "frames": data.T, "device": str(device),
             "wall_seconds": round(train_seconds, 1), "steps": steps,

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 CHECKPOINT_KEYS = {
     "mapping_foreground": "model_F_mapping1_state_dict",
@@ -110,62 +111,68 @@ class MLP(nn.Module):
                 self.frequencies, self.skips)
 
 
-_PRIMES = (1, 2654435761, 805459861)
+class GridAtlas(nn.Module):
+    """The atlas as multiresolution dense 2D feature grids and a small MLP (the `grid` backend).
 
-
-class HashGrid(nn.Module):
-    """Multiresolution hash encoding (Mueller et al. 2022), plain PyTorch.
-
-    x [N, D] in [-1, 1]^D -> [N, levels * features]: per level, the 2^D grid corners around x
-    are hashed into a table of learned features and interpolated (bi/trilinearly).
+    uv [N, 2] in [-1, 1]^2 -> [N, out_dim] in [-1, 1]. Each level is a [features, R, R] grid
+    sampled bilinearly (F.grid_sample), R growing geometrically from base_resolution to
+    max_resolution; the concatenated features go through `hidden_layers` ReLU layers. Only the
+    texels around a sample get gradient, so fine detail is learned in far fewer steps than an
+    MLP on positional encodings needs, and a step costs little on a CPU.
     """
 
-    def __init__(self, dims: int, levels: int = 12, features: int = 2, log2_table: int = 16,
-                 base_resolution: int = 16, max_resolution: int = 1024):
+    def __init__(self, out_dim: int = 3, levels: int = 8, features: int = 4, base_resolution: int = 16,
+                 max_resolution: int = 2048, width: int = 64, hidden_layers: int = 1):
         super().__init__()
-        self.dims, self.levels, self.features, self.table_size = dims, levels, features, 2 ** log2_table
         growth = (max_resolution / base_resolution) ** (1 / max(levels - 1, 1))
-        resolutions = torch.tensor([math.floor(base_resolution * growth ** l) for l in range(levels)])
-        self.register_buffer("resolutions", resolutions.float(), persistent=False)
-        corners = torch.tensor([[(c >> d) & 1 for d in range(dims)] for c in range(2 ** dims)])
-        self.register_buffer("corners", corners, persistent=False)  # [2^D, D]
-        self.tables = nn.Parameter(torch.empty(levels, self.table_size, features).uniform_(-1e-4, 1e-4))
-        self.config = dict(dims=dims, levels=levels, features=features, log2_table=log2_table,
-                           base_resolution=base_resolution, max_resolution=max_resolution)
-
-    def forward(self, x):
-        u = ((x + 1) / 2).clamp(0, 1)  # [N, D]
-        pos = u[:, None, :] * self.resolutions[None, :, None]  # [N, L, D]
-        low = pos.floor()
-        frac = pos - low  # [N, L, D]
-        cell = low.long()[:, :, None, :] + self.corners[None, None]  # [N, L, 2^D, D]
-        index = cell[..., 0] * _PRIMES[0]
-        for d in range(1, self.dims):
-            index = index ^ (cell[..., d] * _PRIMES[d])
-        index = index % self.table_size + torch.arange(self.levels, device=x.device)[None, :, None] * self.table_size
-        values = self.tables.view(-1, self.features)[index]  # [N, L, 2^D, F]
-        c = self.corners[None, None].to(frac.dtype)  # [1, 1, 2^D, D]
-        weights = (frac[:, :, None, :] * c + (1 - frac[:, :, None, :]) * (1 - c)).prod(dim=-1)  # [N, L, 2^D]
-        return (weights[..., None] * values).sum(dim=2).flatten(1)  # [N, L*F]
-
-
-class HashMLP(nn.Module):
-    """A hash-grid encoding followed by a small MLP with tanh output (the `hashgrid` backend)."""
-
-    def __init__(self, in_dim: int, out_dim: int, width: int = 64, hidden_layers: int = 2, **grid):
-        super().__init__()
-        self.encoding = HashGrid(in_dim, **grid)
-        layers, c = [], self.encoding.levels * self.encoding.features
+        self.resolutions = [round(base_resolution * growth ** l) for l in range(levels)]
+        self.grids = nn.ParameterList([nn.Parameter(torch.empty(1, features, r, r).uniform_(-1e-4, 1e-4))
+                                       for r in self.resolutions])
+        layers, c = [], levels * features
         for _ in range(hidden_layers):
             layers += [nn.Linear(c, width), nn.ReLU(inplace=True)]
             c = width
         layers.append(nn.Linear(c, out_dim))
         self.net = nn.Sequential(*layers)
-        self.config = dict(in_dim=in_dim, out_dim=out_dim, width=width, hidden_layers=hidden_layers,
-                           **{k: v for k, v in self.encoding.config.items() if k != "dims"})
+        self.config = dict(out_dim=out_dim, levels=levels, features=features, base_resolution=base_resolution,
+                           max_resolution=max_resolution, width=width, hidden_layers=hidden_layers)
 
-    def forward(self, x):
-        return torch.tanh(self.net(self.encoding(x)))
+    def encode(self, uv):
+        at = uv.view(1, 1, -1, 2).to(self.grids[0].dtype)  # [1, 1, N, 2]
+        feats = [F.grid_sample(g, at, mode="bilinear", padding_mode="border", align_corners=False)[0, :, 0]
+                 for g in self.grids]  # each [features, N]
+        return torch.cat(feats).t()  # [N, levels * features]
+
+    def forward(self, uv):
+        return torch.tanh(self.net(self.encode(uv)))
+
+
+class GridMapping(nn.Module):
+    """A mapping (x, y, t) -> UV as the scaled identity plus a learned offset field (`grid` backend).
+
+    The offsets live on a dense [2, T, Hg, Wg] grid with a vertex every `cell` pixels in every
+    frame, interpolated (tri)linearly; outside the frame they continue as the border's. At
+    initialisation the offsets are 0, so the mapping is exactly uv_mapping_scale * (x, y) and
+    needs no pretraining; each region aligns on its own instead of waiting for a global MLP
+    to bend, which is what makes this backend fast.
+    """
+
+    def __init__(self, resx: int, resy: int, n_frames: int, cell: int = 8, scale: float = 0.8):
+        super().__init__()
+        self.resx, self.resy, self.n_frames, self.cell, self.scale = resx, resy, n_frames, cell, scale
+        self.grid_w, self.grid_h = math.ceil((resx - 1) / cell) + 1, math.ceil((resy - 1) / cell) + 1
+        self.offsets = nn.Parameter(torch.zeros(1, 2, n_frames, self.grid_h, self.grid_w))
+        self.config = dict(resx=resx, resy=resy, n_frames=n_frames, cell=cell, scale=scale)
+
+    def forward(self, p):
+        half = max(self.resx, self.resy) / 2
+        x, y = (p[:, 0] + 1) * half, (p[:, 1] + 1) * half  # pixels
+        t = (p[:, 2] + 1) * self.n_frames / 2  # frame index
+        at = torch.stack([x / ((self.grid_w - 1) * self.cell) * 2 - 1, y / ((self.grid_h - 1) * self.cell) * 2 - 1,
+                          t / max(self.n_frames - 1, 1) * 2 - 1], dim=-1)  # [N, 3] grid_sample order (w, h, d)
+        offset = F.grid_sample(self.offsets, at.view(1, -1, 1, 1, 3).to(self.offsets.dtype), mode="bilinear",
+                               padding_mode="border", align_corners=True)[0, :, :, 0, 0].t()  # [N, 2]
+        return self.scale * p[:, :2] + offset  # not clamped: the rigidity losses look past the frame
 
 
 class NLAModel(nn.Module):
@@ -225,12 +232,13 @@ class NLAModel(nn.Module):
 
     # ---- files -------------------------------------------------------------------------------
     def checkpoint(self) -> dict:
-        """A dict in the official NLA / Text2LIVE checkpoint format (hash-grid models add their
-        backend and architectures, which only this project reads)."""
+        """A dict in the official NLA / Text2LIVE checkpoint format (the grid backend adds
+        atlas_backend and the grids' architectures, which only this project reads)."""
         out = {key: getattr(self, name).state_dict() for name, key in CHECKPOINT_KEYS.items()}
-        if isinstance(self.atlas, HashMLP):
-            out["atlas_backend"] = "hashgrid"
-            out["architectures"] = {name: getattr(self, name).config for name in CHECKPOINT_KEYS}
+        if isinstance(self.atlas, GridAtlas):
+            out["atlas_backend"] = "grid"
+            out["architectures"] = {name: getattr(self, name).config for name in CHECKPOINT_KEYS
+                                    if isinstance(getattr(self, name), (GridAtlas, GridMapping))}
         return out
 
     @classmethod
@@ -249,17 +257,19 @@ class NLAModel(nn.Module):
         if missing:
             raise CheckpointError(f"NLA checkpoint {path} lacks {', '.join(missing)}; "
                                   "is it a Neural Layered Atlases checkpoint?")
-        if state.get("atlas_backend") == "hashgrid":
-            networks = {name: HashMLP(**state["architectures"][name]) for name in CHECKPOINT_KEYS}
-            for name, key in CHECKPOINT_KEYS.items():
-                try:
-                    networks[name].load_state_dict(state[key])
-                except RuntimeError as e:
-                    raise CheckpointError(f"{path.name}:{key} does not match its stored architecture") from e
-            return cls(resx, resy, n_frames, networks)
         in_dims = {"mapping_foreground": 3, "mapping_background": 3, "atlas": 2, "alpha": 3}
         networks = {}
+        if state.get("atlas_backend") == "grid":
+            for name, config in state["architectures"].items():
+                networks[name] = (GridAtlas if name == "atlas" else GridMapping)(**config)
+                try:
+                    networks[name].load_state_dict(state[CHECKPOINT_KEYS[name]])
+                except RuntimeError as e:
+                    raise CheckpointError(f"{path.name}:{CHECKPOINT_KEYS[name]} does not match its stored "
+                                          "architecture") from e
         for name, key in CHECKPOINT_KEYS.items():
+            if name in networks:
+                continue
             net = MLP.from_state_dict(state[key], in_dims[name], f"{path.name}:{key}")
             expected_out = DEFAULT_ARCHITECTURES[name][1]
             if net.hidden[-1].out_features != expected_out:

@@ -89,33 +89,59 @@ def test_bad_checkpoints_are_clear_errors(tmp_path):
         NLAModel.from_checkpoint(tmp_path / "wrong", 8, 8, 2)
 
 
-def test_hash_grid_interpolates_and_is_differentiable():
-    from models.nla import HashGrid
+def test_grid_atlas_interpolates_and_only_nearby_texels_learn():
+    from models.nla import GridAtlas
     torch.manual_seed(0)
-    grid = HashGrid(2, levels=4, features=2, log2_table=10, base_resolution=4, max_resolution=32)
+    atlas = GridAtlas(3, levels=3, features=2, base_resolution=4, max_resolution=32, width=8)
     with torch.no_grad():
-        grid.tables.normal_()
-    x = torch.rand(64, 2) * 2 - 1
-    out = grid(x)
-    assert out.shape == (64, 8)
-    # continuity: a tiny step changes the encoding a little
-    assert (grid(x + 1e-5) - out).abs().max() < 1e-2
-    out.sum().backward()
-    assert grid.tables.grad.abs().sum() > 0
+        for g in atlas.grids:
+            g.normal_()
+    uv = torch.rand(64, 2) * 1.6 - 0.8
+    out = atlas(uv)
+    assert out.shape == (64, 3) and out.abs().max() <= 1
+    assert (atlas(uv + 1e-5) - out).abs().max() < 1e-2  # continuous
+    atlas(torch.tensor([[0.5, 0.5]])).sum().backward()
+    finest = atlas.grids[-1].grad[0, 0]  # [32, 32]
+    assert 0 < int((finest != 0).sum()) <= 4  # the four texels around one sample
 
 
-def test_hashgrid_checkpoint_round_trip(tmp_path):
-    from models.nla import HashMLP
-    torch.manual_seed(0)
-    small = dict(levels=4, log2_table=10, max_resolution=64, width=16)
-    nets = {"mapping_foreground": HashMLP(3, 2, **small), "mapping_background": HashMLP(3, 2, **small),
-            "atlas": HashMLP(2, 3, **small), "alpha": HashMLP(3, 1, **small)}
+def test_grid_mapping_starts_as_the_scaled_identity_and_keeps_rigidity_zero():
+    from models.nla import GridMapping
+    from util.nla_losses import rigidity_loss
+    mapping = GridMapping(40, 24, 5, cell=8, scale=0.8)
+    model = NLAModel(40, 24, 5)
+    x, y, t = torch.rand(100) * 39, torch.rand(100) * 23, torch.randint(0, 5, (100,)).float()
+    p = model.normalize(x, y, t)
+    assert torch.allclose(mapping(p), 0.8 * p[:, :2], atol=1e-6)
+    # past the frame too (the global rigidity term looks 100 px away)
+    far = model.normalize(x + 100, y, t)
+    step = 100 / 20
+    assert rigidity_loss(mapping(p), mapping(far), mapping(model.normalize(x, y + 100, t)), step, 0.8) < 1e-4
     with torch.no_grad():
-        for net in nets.values():
-            net.encoding.tables.normal_()
+        mapping.offsets[:, :, 2] = 0.1  # frame 2 moves by 0.1 in both directions
+    moved = mapping(model.normalize(x, y, torch.full_like(t, 2.0)))
+    assert torch.allclose(moved, 0.8 * model.normalize(x, y, torch.full_like(t, 2.0))[:, :2] + 0.1, atol=1e-6)
+
+
+def test_grid_checkpoint_round_trip(tmp_path):
+    from models.nla import MLP, GridAtlas, GridMapping
+    torch.manual_seed(0)
+    nets = {"mapping_foreground": GridMapping(16, 12, 3, cell=4), "mapping_background": GridMapping(16, 12, 3, cell=4),
+            "atlas": GridAtlas(3, levels=3, base_resolution=4, max_resolution=16, width=8),
+            "alpha": MLP(3, 1, 3, 16, 2)}
+    with torch.no_grad():
+        for name in ("mapping_foreground", "mapping_background", "atlas"):
+            for param in nets[name].parameters():
+                param.normal_(std=0.05)
     model = NLAModel(16, 12, 3, nets)
-    torch.save(model.checkpoint(), tmp_path / "checkpoint")
+    state = model.checkpoint()
+    assert state["atlas_backend"] == "grid"
+    torch.save(state, tmp_path / "checkpoint")
     loaded = NLAModel.from_checkpoint(tmp_path / "checkpoint", 16, 12, 3)
     p = torch.rand(50, 3) * 2 - 1
     a, b = model(p), loaded(p)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    state["F_atlas_state_dict"]["grids.0"] = torch.zeros(1, 2, 5, 5)
+    torch.save(state, tmp_path / "broken")
+    with pytest.raises(CheckpointError, match="does not match its stored architecture"):
+        NLAModel.from_checkpoint(tmp_path / "broken", 16, 12, 3)

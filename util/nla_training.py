@@ -19,7 +19,7 @@ import yaml
 from tqdm import tqdm
 
 from datasets.video_frames import read_frames, read_masks, write_video
-from models.nla import MLP, HashMLP, NLAModel
+from models.nla import MLP, GridAtlas, GridMapping, NLAModel
 from util import nla_losses as L
 from util.config import ConfigError, public
 from util.flow import video_flows
@@ -47,17 +47,18 @@ class VideoData:
 
 
 def build_model(cfg: dict, data: VideoData) -> NLAModel:
-    """The four networks: the official MLPs (atlas_backend=mlp) or hash grids + small MLPs."""
-    if cfg["atlas_backend"] == "hashgrid":
-        grid = dict(levels=cfg["hash_levels"], features=cfg["hash_features"], log2_table=cfg["hash_log2_table"],
-                    base_resolution=16, width=cfg["hash_mlp_width"])
-        return NLAModel(data.W, data.H, data.T, {
-            "mapping_foreground": HashMLP(3, 2, max_resolution=cfg["hash_max_resolution_mapping"], **grid),
-            "mapping_background": HashMLP(3, 2, max_resolution=cfg["hash_max_resolution_mapping"], **grid),
-            "atlas": HashMLP(2, 3, max_resolution=cfg["hash_max_resolution_atlas"], **grid),
-            "alpha": HashMLP(3, 1, max_resolution=cfg["hash_max_resolution_mapping"], **grid),
-        })
+    """The four networks: the official MLPs (atlas_backend=mlp), or dense grids for the atlas and
+    the mappings with a small opacity MLP (atlas_backend=grid)."""
     atlas_layers = cfg["number_of_layers_atlas"]
+    if cfg["atlas_backend"] == "grid":
+        networks = {
+            "mapping_foreground": GridMapping(data.W, data.H, data.T, cfg["grid_mapping_cell"], cfg["uv_mapping_scale"]),
+            "mapping_background": GridMapping(data.W, data.H, data.T, cfg["grid_mapping_cell"], cfg["uv_mapping_scale"]),
+            "atlas": GridAtlas(3, levels=cfg["grid_levels"], features=cfg["grid_features"],
+                               max_resolution=cfg["grid_max_resolution"], width=cfg["grid_mlp_width"]),
+            "alpha": MLP(3, 1, cfg["grid_alpha_layers"], cfg["grid_alpha_width"], cfg["positional_encoding_num_alpha"]),
+        }
+        return NLAModel(data.W, data.H, data.T, networks)
     networks = {
         "mapping_foreground": MLP(3, 2, cfg["number_of_layers_mapping1"], cfg["number_of_channels_mapping1"]),
         "mapping_background": MLP(3, 2, cfg["number_of_layers_mapping2"], cfg["number_of_channels_mapping2"]),
@@ -69,6 +70,19 @@ def build_model(cfg: dict, data: VideoData) -> NLAModel:
     return NLAModel(data.W, data.H, data.T, networks)
 
 
+def make_optimizer(nla: NLAModel, cfg: dict) -> torch.optim.Adam:
+    """Adam over all four networks. The grid backend's atlas grids, mapping offsets and MLPs each
+    take their own learning rate; the official MLPs take lr."""
+    grid_backend = isinstance(nla.atlas, GridAtlas)
+    groups = {"lr": [], "grid_lr": [], "grid_mapping_lr": [], "grid_mlp_lr": []}
+    for name, param in nla.named_parameters():
+        key = ("lr" if not grid_backend else "grid_lr" if name.startswith("atlas.grids.") else
+               "grid_mapping_lr" if name.endswith(".offsets") else "grid_mlp_lr")
+        groups[key].append(param)
+    return torch.optim.Adam([{"params": params, "lr": cfg[key]} for key, params in groups.items() if params],
+                            fused=True)
+
+
 def sample_pixels(n: int, data: VideoData, generator: torch.Generator, device):
     """Random integer (t, y, x), leaving room for the right and lower neighbours."""
     t = torch.randint(0, data.T, (n,), generator=generator).to(device)
@@ -77,16 +91,44 @@ def sample_pixels(n: int, data: VideoData, generator: torch.Generator, device):
     return t, y, x
 
 
+def layer_motion(data: VideoData, foreground: bool):
+    """Each frame's translation in pixels relative to the average frame, [T, 2]: the median of
+    the checked forward flow over the layer's pixels (mask >= 0.5 for the foreground, < 0.5 for
+    the background, every pixel without masks), summed over time and centred."""
+    steps = []
+    for t in range(data.T - 1):
+        ok = data.forward_ok[t]
+        if data.masks is not None:
+            ok = ok & ((data.masks[t] >= 0.5) if foreground else (data.masks[t] < 0.5))
+        f = data.forward[t][ok]  # [M, 2]
+        steps.append(f.median(dim=0).values if f.shape[0] >= 16 else torch.zeros(2, device=f.device))
+    position = torch.cat([torch.zeros(1, 2, device=data.forward.device), torch.stack(steps).cumsum(0)])  # [T, 2]
+    return position - position.mean(dim=0)
+
+
 def pretrain_mappings(nla: NLAModel, data: VideoData, cfg: dict, generator, device):
-    """Make both mappings start as UV = uv_mapping_scale * (x, y) (normalised coordinates)."""
+    """Make both mappings start as UV = uv_mapping_scale * (x, y) (normalised coordinates); with
+    pretrain_motion, (x, y) minus the layer's estimated translation in that frame, so a camera
+    pan is undone from the start instead of being learned slowly."""
+    s, half = cfg["uv_mapping_scale"], max(data.W, data.H) / 2
+    motion = {}
+    for name in ("mapping_foreground", "mapping_background"):
+        shift = layer_motion(data, name == "mapping_foreground") if cfg["pretrain_motion"] else \
+            torch.zeros(data.T, 2, device=device)
+        motion[name] = shift / half * s  # [T, 2] in mapping-output units
+        net = getattr(nla, name)
+        if isinstance(net, GridMapping):
+            with torch.no_grad():  # exact: a constant offset per frame
+                net.offsets.copy_(-motion[name].t()[None, :, :, None, None].expand_as(net.offsets))
+    if not isinstance(nla.mapping_foreground, MLP):
+        return
     params = list(nla.mapping_foreground.parameters()) + list(nla.mapping_background.parameters())
     opt = torch.optim.Adam(params, lr=cfg["lr"])
-    s = cfg["uv_mapping_scale"]
     for _ in tqdm(range(cfg["pretrain_iter_number"]), desc="pretraining mappings"):
         t, y, x = sample_pixels(cfg["samples_batch"], data, generator, device)
         p = nla.normalize(x.float(), y.float(), t.float())
-        target = s * p[:, :2]
-        loss = F.mse_loss(nla.mapping_foreground(p), target) + F.mse_loss(nla.mapping_background(p), target)
+        loss = sum(F.mse_loss(getattr(nla, name)(p), s * p[:, :2] - motion[name][t])
+                   for name in ("mapping_foreground", "mapping_background"))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -240,7 +282,7 @@ def train(cfg: dict, video_path, masks_path, out_dir) -> Path:
     torch.manual_seed(cfg["seed"])
     generator = torch.Generator().manual_seed(cfg["seed"])
     nla = build_model(cfg, data).to(device)
-    opt = torch.optim.Adam(nla.parameters(), lr=cfg["lr"])
+    opt = make_optimizer(nla, cfg)
     ckpt_path = out_dir / "checkpoint"
     start = 0
     if ckpt_path.is_file():
@@ -249,7 +291,7 @@ def train(cfg: dict, video_path, masks_path, out_dir) -> Path:
         if start >= cfg["iters_num"]:
             raise ConfigError(f"{ckpt_path} already has {start} iterations; raise iters_num or choose another --out")
         nla = NLAModel.from_checkpoint(ckpt_path, data.W, data.H, data.T).to(device)
-        opt = torch.optim.Adam(nla.parameters(), lr=cfg["lr"])
+        opt = make_optimizer(nla, cfg)
         if "optimizer_state_dict" in state:
             opt.load_state_dict(state["optimizer_state_dict"])
         print(f"resuming {ckpt_path} at iteration {start}")
