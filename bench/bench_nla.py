@@ -21,7 +21,7 @@ import torch  # noqa: E402
 from util.config import load_config  # noqa: E402
 from util.image_training import pick_device  # noqa: E402
 from util.nla_training import (VideoData, build_model, checkerboard_video, flow_warp_error,  # noqa: E402
-                               make_optimizer, pretrain_mappings, psnr, reconstruct, step_losses)
+                               make_optimizer, nla_precision, pretrain_mappings, psnr, reconstruct, step_losses)
 
 
 def main():
@@ -45,8 +45,9 @@ def main():
         data = VideoData(args.video, args.masks, cfg, Path(args.work or tmp), device)
         frames = data.frames.permute(0, 3, 1, 2)
         torch.manual_seed(cfg["seed"])
-        generator = torch.Generator().manual_seed(cfg["seed"])
+        generator = torch.Generator(device).manual_seed(cfg["seed"])
         nla = build_model(cfg, data).to(device)
+        nla.amp_dtype = nla_precision(cfg, device)
         pretrain_mappings(nla, data, cfg, generator, device)
         opt = make_optimizer(nla, cfg)
         steps, paused, next_log = 0, 0.0, args.log_minutes * 60
@@ -65,6 +66,7 @@ def main():
         train_seconds = time.time() - start - paused
         result = {
             "video": args.video, "resolution": f"{data.W}x{data.H}", "frames": data.T, "device": str(device),
+            "backend": cfg["atlas_backend"], "precision": str(nla.amp_dtype or "float32"),
             "wall_seconds": round(train_seconds, 1), "steps": steps,
             "psnr_db": round(psnr(reconstruct(nla), frames), 2),
             "checkerboard_flow_warp_error": round(flow_warp_error(checkerboard_video(nla), data), 4),

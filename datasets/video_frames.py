@@ -3,6 +3,7 @@
 Shared by video editing (train_video.py) and atlas training (train_nla.py).
 """
 
+import importlib.util
 import os
 import re
 import tempfile
@@ -102,10 +103,16 @@ def read_masks(folder, n_frames: int, resx: int, resy: int) -> torch.Tensor:
 
 
 def write_video(frames: torch.Tensor, path, fps: int = 10) -> None:
-    """Frames [T, 3, H, W] in [0, 1] -> an H.264 MP4 (sides padded to even numbers), atomically."""
+    """Frames [T, 3, H, W] in [0, 1] -> an H.264 MP4 (sides padded to even numbers), atomically.
+
+    Without imageio-ffmpeg it warns and writes nothing, rather than failing a finished run."""
     import imageio.v2 as imageio
 
     path = Path(path)
+    if importlib.util.find_spec("imageio_ffmpeg") is None:
+        warnings.warn(f"{path.name} not written: imageio-ffmpeg is not installed "
+                      "(pip install imageio-ffmpeg); the PNG outputs are complete")
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     T, _, H, W = frames.shape
     pad_h, pad_w = H % 2, W % 2

@@ -185,6 +185,7 @@ class NLAModel(nn.Module):
     def __init__(self, resx: int, resy: int, n_frames: int, networks: dict | None = None):
         super().__init__()
         self.resx, self.resy, self.n_frames = resx, resy, n_frames
+        self.amp_dtype = None  # e.g. torch.bfloat16: mixed precision for the atlas and opacity
         networks = networks or {name: MLP(*arch) for name, arch in DEFAULT_ARCHITECTURES.items()}
         self.mapping_foreground = networks["mapping_foreground"]
         self.mapping_background = networks["mapping_background"]
@@ -211,10 +212,20 @@ class NLAModel(nn.Module):
         return 0.5 * self.mapping_background(p) - 0.5  # [N, 2] in [-1, 0]
 
     def colour(self, uv):
-        return (self.atlas(uv) + 1) / 2  # [N, 3] in [0, 1]
+        with self._autocast(uv):
+            out = self.atlas(uv)
+        return (out.float() + 1) / 2  # [N, 3] in [0, 1]
 
     def opacity(self, p):
-        return 0.99 * (self.alpha(p) + 1) / 2 + 0.001  # [N, 1]
+        with self._autocast(p):
+            out = self.alpha(p)
+        return 0.99 * (out.float() + 1) / 2 + 0.001  # [N, 1]
+
+    def _autocast(self, x):
+        """Atlas and opacity networks may run in `amp_dtype` (bf16); the mappings always run in
+        float32, since the rigidity and flow losses difference UVs one pixel apart."""
+        return torch.autocast(device_type=x.device.type, dtype=self.amp_dtype or torch.bfloat16,
+                              enabled=self.amp_dtype is not None)
 
     def forward(self, p):
         """Everything at points p [N, 3]: dict of uv_fg, uv_bg [N, 2], alpha [N, 1], fg, bg, rgb [N, 3]."""

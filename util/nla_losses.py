@@ -41,9 +41,10 @@ def flow_loss(uv, uv_next, weight, pixels_per_uv: float):
     return (weight * distance).mean()
 
 
-def alpha_flow_loss(alpha, alpha_next):
-    """Opacity is constant along the flow."""
-    return (alpha - alpha_next).abs().mean()
+def alpha_flow_loss(alpha, alpha_next, weight=None):
+    """Opacity is constant along the flow (optionally weighted per point, [N, 1])."""
+    difference = (alpha - alpha_next).abs()
+    return (difference if weight is None else weight * difference).mean()
 
 
 def sparsity_loss(alpha, foreground_colour):
