@@ -264,6 +264,13 @@ class NLAModel(nn.Module):
             raise CheckpointError(f"cannot read NLA checkpoint {path} ({type(e).__name__})") from e
         if not isinstance(state, dict):
             raise CheckpointError(f"NLA checkpoint {path} holds a {type(state).__name__}, not a dict")
+        trained = (state.get("resx"), state.get("resy"), state.get("number_of_frames"))
+        if trained[0] is not None and (trained[0], trained[1]) != (resx, resy):
+            raise CheckpointError(f"NLA checkpoint {path} was trained at {trained[0]}x{trained[1]}, not {resx}x{resy}; "
+                                  f"set resx={trained[0]} resy={trained[1]}")
+        if trained[2] is not None and trained[2] != n_frames:
+            raise CheckpointError(f"NLA checkpoint {path} was trained on {trained[2]} frames, not {n_frames}; "
+                                  f"set maximum_number_of_frames={trained[2]} and use the same video")
         missing = [key for key in CHECKPOINT_KEYS.values() if key not in state]
         if missing:
             raise CheckpointError(f"NLA checkpoint {path} lacks {', '.join(missing)}; "

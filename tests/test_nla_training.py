@@ -136,6 +136,11 @@ def test_checkpoint_loads_in_the_video_renderer(trained, synthetic_video, tmp_pa
     assert video.mask.any() and video.atlas.shape[1] == 3
     data_board = checkerboard_video(video.nla)
     assert data_board.shape == (8, 3, 48, 64)
+    from models.nla import CheckpointError
+    with pytest.raises(CheckpointError, match="trained at 64x48, not 32x24; set resx=64 resy=48"):
+        NLAModel.from_checkpoint(out / "checkpoint", 32, 24, 8)
+    with pytest.raises(CheckpointError, match="trained on 8 frames, not 5"):
+        NLAModel.from_checkpoint(out / "checkpoint", 64, 48, 5)
 
 
 def test_rerun_resumes_and_finished_run_is_refused(trained, capsys):
