@@ -145,3 +145,25 @@ def test_grid_checkpoint_round_trip(tmp_path):
     torch.save(state, tmp_path / "broken")
     with pytest.raises(CheckpointError, match="does not match its stored architecture"):
         NLAModel.from_checkpoint(tmp_path / "broken", 16, 12, 3)
+
+
+def test_mixed_precision_keeps_mappings_in_float32_and_gradients_flowing():
+    from util.config import load_config
+    from util.nla_training import nla_precision
+    torch.manual_seed(0)
+    model = NLAModel(16, 12, 3, {"mapping_foreground": MLP(3, 2, 3, 16), "mapping_background": MLP(3, 2, 3, 16),
+                                 "atlas": MLP(2, 3, 3, 16, 4), "alpha": MLP(3, 1, 3, 16, 2)})
+    model.amp_dtype = torch.bfloat16
+    out = model(torch.rand(40, 3) * 2 - 1)
+    assert all(v.dtype == torch.float32 for v in out.values())  # bf16 inside, float32 outside
+    # the mappings never see bf16: identical to a float32 model's
+    p = torch.rand(40, 3) * 2 - 1
+    model.amp_dtype = None
+    reference = model.uv_foreground(p)
+    model.amp_dtype = torch.bfloat16
+    assert torch.equal(model.uv_foreground(p), reference)
+    out["rgb"].sum().backward()
+    assert model.atlas.hidden[0].weight.grad.abs().sum() > 0 and model.alpha.hidden[0].weight.grad.abs().sum() > 0
+    cfg = load_config("nla")
+    assert nla_precision(cfg, "cpu") is None  # auto: float32 on a CPU, bf16 only on CUDA
+    assert nla_precision({**cfg, "mixed_precision": "bf16"}, "cpu") == torch.bfloat16
