@@ -50,7 +50,6 @@ class VideoData:
 def build_model(cfg: dict, data: VideoData) -> NLAModel:
     """The four networks: the official MLPs (atlas_backend=mlp), or dense grids for the atlas and
     the mappings with a small opacity MLP (atlas_backend=grid)."""
-    atlas_layers = cfg["number_of_layers_atlas"]
     if cfg["atlas_backend"] == "grid":
         networks = {
             "mapping_foreground": GridMapping(data.W, data.H, data.T, cfg["grid_mapping_cell"], cfg["uv_mapping_scale"]),
@@ -60,6 +59,7 @@ def build_model(cfg: dict, data: VideoData) -> NLAModel:
             "alpha": MLP(3, 1, cfg["grid_alpha_layers"], cfg["grid_alpha_width"], cfg["positional_encoding_num_alpha"]),
         }
         return NLAModel(data.W, data.H, data.T, networks)
+    atlas_layers = cfg["number_of_layers_atlas"]
     networks = {
         "mapping_foreground": MLP(3, 2, cfg["number_of_layers_mapping1"], cfg["number_of_channels_mapping1"]),
         "mapping_background": MLP(3, 2, cfg["number_of_layers_mapping2"], cfg["number_of_channels_mapping2"]),
@@ -306,21 +306,22 @@ def train(cfg: dict, video_path, masks_path, out_dir) -> Path:
     data = VideoData(video_path, masks_path, cfg, out_dir, device)
     torch.manual_seed(cfg["seed"])
     generator = torch.Generator(device).manual_seed(cfg["seed"])
-    nla = build_model(cfg, data).to(device)
-    nla.amp_dtype = nla_precision(cfg, device)
-    opt = make_optimizer(nla, cfg)
     ckpt_path = out_dir / "checkpoint"
-    start = 0
+    state, start = {}, 0
     if ckpt_path.is_file():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         start = int(state.get("iteration", 0))
         if start >= cfg["iters_num"]:
             raise ConfigError(f"{ckpt_path} already has {start} iterations; raise iters_num or choose another --out")
-        nla = NLAModel.from_checkpoint(ckpt_path, data.W, data.H, data.T).to(device)
-        nla.amp_dtype = nla_precision(cfg, device)
-        opt = make_optimizer(nla, cfg)
-        if "optimizer_state_dict" in state:
-            opt.load_state_dict(state["optimizer_state_dict"])
+        nla = NLAModel.from_checkpoint(ckpt_path, data.W, data.H, data.T)
+    else:
+        nla = build_model(cfg, data)
+    nla = nla.to(device)
+    nla.amp_dtype = nla_precision(cfg, device)
+    opt = make_optimizer(nla, cfg)
+    if "optimizer_state_dict" in state:
+        opt.load_state_dict(state["optimizer_state_dict"])
+    if start:
         print(f"resuming {ckpt_path} at iteration {start}")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(yaml.safe_dump(
