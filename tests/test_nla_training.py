@@ -90,6 +90,57 @@ def test_layer_motion_recovers_each_layers_translation(synthetic_video, tmp_path
     assert torch.allclose(foreground.diff(dim=0), torch.tensor([3.0, 0.0]).expand(7, 2), atol=0.5)
 
 
+@pytest.mark.parametrize("backend", ["grid", "mlp"])
+def test_step_losses_match_the_losses_evaluated_block_by_block(backend, synthetic_video, tmp_path):
+    """step_losses runs each network once on all its points; slicing that batch must give the
+    same terms as evaluating the model separately at each kind of point."""
+    from util.config import load_config
+    from util.nla_training import build_model, sample_pixels, step_losses
+    cfg = load_config("nla", overrides=["resx=64", "resy=48", "samples_batch=300", f"atlas_backend={backend}",
+                                        "derivative_amount=2", "global_rigidity_derivative_amount_fg=30",
+                                        "global_rigidity_derivative_amount_bg=20", *SMALL_GRIDS, *SMALL_NETS])
+    data = VideoData(synthetic_video / "frames", synthetic_video / "masks", cfg, tmp_path, torch.device("cpu"))
+    torch.manual_seed(0)
+    nla = build_model(cfg, data)
+    with torch.no_grad():  # a model far from the ideal, so every term is non-zero
+        for param in nla.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    n, half, s = 300, 32.0, cfg["uv_mapping_scale"]
+    for it in (0, cfg["stop_global_rigidity"]):
+        _, terms, _ = step_losses(nla, data, cfg, it, torch.Generator().manual_seed(7), "cpu")
+        t, y, x = sample_pixels(n, data, torch.Generator().manual_seed(7), "cpu")
+        at = lambda dx=0, dy=0, dt=0: nla(nla.normalize(x + dx, y + dy, t + dt))  # noqa: E731
+        here, right, below = at(), at(dx=1), at(dy=1)
+        frame = lambda dx=0, dy=0: data.frames[t, y + dy, x + dx]  # noqa: E731
+        assert torch.allclose(terms["rgb"], 5000 * L.rgb_loss(here["rgb"], frame()))
+        assert torch.allclose(terms["gradient"], 1000 * L.gradient_loss(
+            here["rgb"], right["rgb"], below["rgb"], frame(), frame(dx=1), frame(dy=1)))
+        m = lambda out, layer: 2 * out[layer] - 1 if layer == "uv_fg" else 2 * out[layer] + 1  # noqa: E731
+        rigidity = sum(L.rigidity_loss(m(here, k), m(at(dx=2), k), m(at(dy=2), k), 2 / half, s) for k in ("uv_fg", "uv_bg"))
+        assert torch.allclose(terms["rigidity"], rigidity, rtol=1e-4)
+        assert ("global_rigidity_fg" in terms) == (it == 0)
+        if it == 0:
+            for key, amount, coeff in (("uv_fg", 30, 5.0), ("uv_bg", 20, 50.0)):
+                expected = coeff * L.rigidity_loss(m(here, key), m(at(dx=amount), key), m(at(dy=amount), key),
+                                                   amount / half, s)
+                assert torch.allclose(terms[f"global_rigidity_{key[3:]}"], expected, rtol=1e-4)
+        flow_sum = alpha_sum = checked_sum = 0
+        for flows, ok, dt in ((data.forward, data.forward_ok, 1), (data.backward, data.backward_ok, -1)):
+            pair = (t if dt == 1 else t - 1).clamp(0, data.T - 2)
+            w = ((t + dt >= 0) & (t + dt < data.T) & ok[pair, y, x]).float()[:, None]
+            f = flows[pair, y, x]
+            there = at(dx=f[:, 0], dy=f[:, 1], dt=dt)
+            a = here["alpha"]
+            flow_sum = flow_sum + L.flow_loss(m(here, "uv_fg"), m(there, "uv_fg"), w * a, half / s) \
+                + L.flow_loss(m(here, "uv_bg"), m(there, "uv_bg"), w * (1 - a), half / s)
+            alpha_sum = alpha_sum + L.alpha_flow_loss(a, there["alpha"], w)
+            checked_sum = checked_sum + w.mean()
+        assert torch.allclose(terms["flow"], 5 * flow_sum / checked_sum, rtol=1e-4)
+        assert torch.allclose(terms["alpha_flow"], 49 * alpha_sum / checked_sum, rtol=1e-4)
+        assert torch.allclose(terms["sparsity"], 1000 * L.sparsity_loss(here["alpha"], here["fg"]))
+        assert float(terms["rgb"]) > 0 and float(terms["rigidity"]) > 0 and float(terms["flow"]) > 0
+
+
 def test_training_reconstructs_the_video_and_writes_outputs(trained, synthetic_video):
     out, args = trained
     for name in ["checkpoint", "config.yaml", "psnr_log.csv", "reconstruction.mp4",

@@ -20,19 +20,22 @@ def gradient_loss(rec, rec_dx, rec_dy, frame, frame_dx, frame_dy):
             + ((rec_dy - rec) - (frame_dy - frame)).abs().sum(dim=-1).mean())
 
 
-def rigidity_loss(m, m_dx, m_dy, step_normalized: float, uv_mapping_scale: float, eps: float = 1e-3):
+def rigidity_loss(m, m_dx, m_dy, step_normalized, uv_mapping_scale: float, eps: float = 1e-3, reduce: bool = True):
     """||J^T J||_F + ||(J^T J + eps I)^-1||_F, minus its value for a rigid (identity) map.
 
     J: finite-difference Jacobian of a mapping's output w.r.t. (x, y) in normalised
-    coordinates with step `step_normalized`, divided by uv_mapping_scale, so the mapping
-    that pretraining starts from (output = uv_mapping_scale * (x, y)) has J = I and loss 0.
+    coordinates with step `step_normalized` (a number, or [N, 1] per point), divided by
+    uv_mapping_scale, so the mapping that pretraining starts from (output = uv_mapping_scale *
+    (x, y)) has J = I and loss 0. reduce=False gives the per-point values [N].
     """
     J = torch.stack([(m_dx - m) / step_normalized, (m_dy - m) / step_normalized], dim=-1) / uv_mapping_scale
     JtJ = J.transpose(-2, -1) @ J  # [N, 2, 2]
     eye = torch.eye(2, device=m.device, dtype=m.dtype)
-    value = JtJ.flatten(1).norm(dim=-1) + torch.linalg.inv(JtJ + eps * eye).flatten(1).norm(dim=-1)
+    # inv_ex: JtJ + eps*I is always invertible, and skipping inv's error check spares a GPU sync
+    inverse = torch.linalg.inv_ex(JtJ + eps * eye).inverse
+    value = JtJ.flatten(1).norm(dim=-1) + inverse.flatten(1).norm(dim=-1)
     ideal = math.sqrt(2) * (1 + 1 / (1 + eps))
-    return (value - ideal).mean()
+    return (value - ideal).mean() if reduce else value - ideal
 
 
 def flow_loss(uv, uv_next, weight, pixels_per_uv: float):

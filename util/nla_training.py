@@ -162,63 +162,78 @@ def pretrain_mappings(nla: NLAModel, data: VideoData, cfg: dict, generator, devi
 
 def step_losses(nla: NLAModel, data: VideoData, cfg: dict, it: int, generator, device):
     """All weighted losses of one step: (total, {name: detached tensor}, batch reconstruction mse
-    per channel, detached). Nothing here waits for the device."""
-    n = cfg["samples_batch"]
+    per channel, detached). Nothing here waits for the device.
+
+    Each network runs once per step, on every point it is needed at, so a step is a few large
+    kernels rather than many small ones (a GPU step is bound by kernel launches)."""
+    n, T = cfg["samples_batch"], data.T
     t, y, x = sample_pixels(n, data, generator, device)
     tf, yf, xf = t.float(), y.float(), x.float()
     half = max(data.W, data.H) / 2
     s = cfg["uv_mapping_scale"]
     d = cfg["derivative_amount"]
+    global_rigidity = it < cfg["stop_global_rigidity"]
 
-    # the point, its right and lower neighbours (+1 px: gradient loss; +d px: rigidity)
-    points = [nla.normalize(xf, yf, tf), nla.normalize(xf + 1, yf, tf), nla.normalize(xf, yf + 1, tf)]
+    # checked optical flow to frame t+1 and to frame t-1. A point without one keeps weight 0
+    # rather than being indexed out: no data-dependent shapes, so a GPU never waits here.
+    ahead, behind = t.clamp(max=T - 2), (t - 1).clamp(min=0)  # indices into the T-1 flow fields
+    flow = torch.cat([data.forward[ahead, y, x], data.backward[behind, y, x]])  # [2n, 2]
+    checked = torch.cat([(t < T - 1) & data.forward_ok[ahead, y, x],
+                         (t > 0) & data.backward_ok[behind, y, x]])[:, None].float()  # [2n, 1]
+
+    # the points, in blocks of n: the sample; its right and lower neighbours (gradient loss,
+    # rigidity); its flow partners in frames t+1 and t-1; the neighbours derivative_amount away
+    # (if not 1 px); and, until stop_global_rigidity, the far neighbours of each layer
+    xs = [xf, xf + 1, xf, xf + flow[:n, 0], xf + flow[n:, 0]]
+    ys = [yf, yf, yf + 1, yf + flow[:n, 1], yf + flow[n:, 1]]
+    ts = [tf, tf, tf, tf + 1, tf - 1]
     if d != 1:
-        points += [nla.normalize(xf + d, yf, tf), nla.normalize(xf, yf + d, tf)]
-    P = torch.cat(points)
-    m_f, m_b = nla.mapping_foreground(P), nla.mapping_background(P)
-    fg, bg = nla.colour(0.5 * m_f + 0.5), nla.colour(0.5 * m_b - 0.5)
-    alpha = nla.opacity(P)
-    rec = alpha * fg + (1 - alpha) * bg
-    r0, r_dx, r_dy = rec[:n], rec[n:2 * n], rec[2 * n:3 * n]
-    frame = data.frames[t, y, x]
-    mse = L.rgb_loss(r0, frame)
+        xs, ys, ts = xs + [xf + d, xf], ys + [yf, yf + d], ts + [tf, tf]
+    local = n if d == 1 else 5 * n  # first row of the local rigidity neighbours
+    far = len(xs) * n  # first row of the global rigidity neighbours
+
+    def layer_points(amount):
+        if not global_rigidity:
+            return nla.normalize(torch.cat(xs), torch.cat(ys), torch.cat(ts))
+        return nla.normalize(torch.cat(xs + [xf + amount, xf]), torch.cat(ys + [yf, yf + amount]),
+                             torch.cat(ts + [tf, tf]))
+
+    amount_fg, amount_bg = cfg["global_rigidity_derivative_amount_fg"], cfg["global_rigidity_derivative_amount_bg"]
+    points_fg = layer_points(amount_fg)
+    points_bg = points_fg if amount_bg == amount_fg or not global_rigidity else layer_points(amount_bg)
+    m_f, m_b = nla.mapping_foreground(points_fg), nla.mapping_background(points_bg)  # [rows, 2] each
+    alpha = nla.opacity(points_fg[:5 * n])  # [5n, 1]: the sample, neighbours and flow partners
+    colour = nla.colour(torch.cat([0.5 * m_f[:3 * n] + 0.5, 0.5 * m_b[:3 * n] - 0.5]))  # both layers at once
+    fg, bg = colour[:3 * n], colour[3 * n:]  # [3n, 3] each
+    rec = alpha[:3 * n] * fg + (1 - alpha[:3 * n]) * bg  # the sample, its right and lower neighbours
+    frame = data.frames[t.repeat(3), torch.cat([y, y, y + 1]), torch.cat([x, x + 1, x])]  # [3n, 3]
+    mse = L.rgb_loss(rec[:n], frame[:n])
     terms = {"rgb": cfg["rgb_coeff"] * mse,
              "gradient": cfg["gradient_loss_coeff"] * L.gradient_loss(
-                 r0, r_dx, r_dy, frame, data.frames[t, y, x + 1], data.frames[t, y + 1, x])}
+                 rec[:n], rec[n:2 * n], rec[2 * n:], frame[:n], frame[n:2 * n], frame[2 * n:])}
 
-    k = 1 if d == 1 else 3
-    step = d / half
-    rigidity = (L.rigidity_loss(m_f[:n], m_f[k * n:(k + 1) * n], m_f[(k + 1) * n:(k + 2) * n], step, s)
-                + L.rigidity_loss(m_b[:n], m_b[k * n:(k + 1) * n], m_b[(k + 1) * n:(k + 2) * n], step, s))
-    terms["rigidity"] = cfg["rigidity_coeff"] * rigidity
+    # local rigidity of both layers and global rigidity, as one batch of (m, m_dx, m_dy) groups
+    groups = [("rigidity", m_f, local, d, cfg["rigidity_coeff"]), ("rigidity", m_b, local, d, cfg["rigidity_coeff"])]
+    if global_rigidity:
+        groups += [("global_rigidity_fg", m_f, far, amount_fg, cfg["global_rigidity_coeff_fg"]),
+                   ("global_rigidity_bg", m_b, far, amount_bg, cfg["global_rigidity_coeff_bg"])]
+    steps = torch.cat([torch.full((n, 1), amount / half, device=device) for _, _, _, amount, _ in groups])
+    values = L.rigidity_loss(torch.cat([m[:n] for _, m, _, _, _ in groups]),
+                             torch.cat([m[at:at + n] for _, m, at, _, _ in groups]),
+                             torch.cat([m[at + n:at + 2 * n] for _, m, at, _, _ in groups]),
+                             steps, s, reduce=False).view(len(groups), n).mean(dim=1)
+    for (name, _, _, _, coeff), value in zip(groups, values):
+        terms[name] = terms[name] + coeff * value if name in terms else coeff * value
 
-    if it < cfg["stop_global_rigidity"]:
-        for name, net, amount, coeff in (
-                ("fg", nla.mapping_foreground, cfg["global_rigidity_derivative_amount_fg"], cfg["global_rigidity_coeff_fg"]),
-                ("bg", nla.mapping_background, cfg["global_rigidity_derivative_amount_bg"], cfg["global_rigidity_coeff_bg"])):
-            m = m_f if name == "fg" else m_b
-            far = net(torch.cat([nla.normalize(xf + amount, yf, tf), nla.normalize(xf, yf + amount, tf)]))
-            terms[f"global_rigidity_{name}"] = coeff * L.rigidity_loss(m[:n], far[:n], far[n:], amount / half, s)
-
-    # optical flow, forward (t -> t+1) and backward (t -> t-1), where the flow passed its check.
-    # Points without a checked flow get weight 0 rather than being indexed out: no data-dependent
-    # shapes, so a GPU never waits for the CPU here.
+    # optical flow: each layer's atlas positions of the sample and its flow partners coincide
+    # (weighted by that layer's opacity), and so do the opacities; means over checked pairs
+    a = alpha[:n].repeat(2, 1)  # [2n, 1] the sample's opacity, once per direction
+    checked_share = checked.mean().clamp(min=1e-6)
     to_pixels = half / s  # mapping-output difference -> pixels
-    a = alpha[:n]
-    flow_fg = flow_bg = flow_alpha = count = 0.0
-    for flows, ok, dt in ((data.forward, data.forward_ok, 1), (data.backward, data.backward_ok, -1)):
-        pair = (t if dt == 1 else t - 1).clamp(0, data.T - 2)  # index into the T-1 flow fields
-        has = (t < data.T - 1) if dt == 1 else (t > 0)
-        weight = (has & ok[pair, y, x]).to(a.dtype)[:, None]  # [n, 1]
-        f = flows[pair, y, x]  # [n, 2]
-        q = nla.normalize(xf + f[:, 0], yf + f[:, 1], tf + dt)
-        flow_fg = flow_fg + L.flow_loss(m_f[:n], nla.mapping_foreground(q), weight * a, to_pixels)
-        flow_bg = flow_bg + L.flow_loss(m_b[:n], nla.mapping_background(q), weight * (1 - a), to_pixels)
-        flow_alpha = flow_alpha + L.alpha_flow_loss(a, nla.opacity(q), weight)
-        count = count + weight.mean()
-    count = count.clamp(min=1e-6)  # the losses are means over points with a checked flow
-    terms["flow"] = cfg["optical_flow_coeff"] * (flow_fg + flow_bg) / count
-    terms["alpha_flow"] = cfg["alpha_flow_factor"] * flow_alpha / count
+    flow_fg = L.flow_loss(m_f[:n].repeat(2, 1), m_f[3 * n:5 * n], checked * a, to_pixels)
+    flow_bg = L.flow_loss(m_b[:n].repeat(2, 1), m_b[3 * n:5 * n], checked * (1 - a), to_pixels)
+    terms["flow"] = cfg["optical_flow_coeff"] * (flow_fg + flow_bg) / checked_share
+    terms["alpha_flow"] = cfg["alpha_flow_factor"] * L.alpha_flow_loss(a, alpha[3 * n:], checked) / checked_share
 
     terms["sparsity"] = cfg["sparsity_coeff"] * L.sparsity_loss(alpha[:n], fg[:n])
     if data.masks is None:
