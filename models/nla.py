@@ -6,6 +6,9 @@ opacity network blends the layers:
 
     foreground UV  = 0.5 * M_f(p) + 0.5          in [0, 1]^2
     background UV  = 0.5 * M_b(p) - 0.5          in [-1, 0]^2
+
+(the grid backend may place a layer that moves far, e.g. a long camera pan, further along u,
+keeping foreground v > 0 and background v < 0; its mappings are not bounded by tanh)
     colour(uv)     = (atlas(uv) + 1) / 2
     opacity(p)     = 0.99 * (alpha(p) + 1) / 2 + 0.001
     frame          = opacity * fg + (1 - opacity) * bg

@@ -90,6 +90,27 @@ def test_layer_motion_recovers_each_layers_translation(synthetic_video, tmp_path
     assert torch.allclose(foreground.diff(dim=0), torch.tensor([3.0, 0.0]).expand(7, 2), atol=0.5)
 
 
+def test_layer_placement_keeps_a_long_pan_inside_the_atlas():
+    from util.nla_training import LAYER_RANGES, layer_placement
+    s, W, H = 0.8, 400, 200  # normalised x in [-1, 1], y in [-1, 0]
+    still = torch.zeros(5, 2)
+    offset = layer_placement(still, s, W, H, LAYER_RANGES["mapping_background"])
+    assert torch.allclose(offset, torch.tensor([0.0, 0.4]))  # centred: x in [-0.8, 0.8], y in [-0.4, 0.4]
+    # the camera pans 500 px right: the background spans 2.6 mapping units in x, more than
+    # [-1, 1]; it must move into the background's share ([-1, 3]: UV u in [-1, 1]), not off it
+    pan = torch.stack([torch.linspace(0, 500, 5), torch.zeros(5)], -1) / 200 * s
+    pan = pan - pan.mean(0)
+    offset = layer_placement(pan, s, W, H, LAYER_RANGES["mapping_background"])
+    lo = torch.tensor([-s, -s]) - pan.max(0).values + offset
+    hi = torch.tensor([s, 0.0]) - pan.min(0).values + offset
+    assert -1 - 1e-6 <= lo[0] and hi[0] <= 3 + 1e-6 and -1 <= lo[1] and hi[1] <= 1
+    # the foreground's share is on the other side ([-3, 1]), so its UVs stay at v > 0
+    offset_fg = layer_placement(pan, s, W, H, LAYER_RANGES["mapping_foreground"])
+    assert hi[0] - offset[0] + offset_fg[0] <= 1 + 1e-6
+    with pytest.warns(UserWarning, match="lower uv_mapping_scale"):
+        layer_placement(pan * 3, s, W, H, LAYER_RANGES["mapping_background"])
+
+
 @pytest.mark.parametrize("backend", ["grid", "mlp"])
 def test_step_losses_match_the_losses_evaluated_block_by_block(backend, synthetic_video, tmp_path):
     """step_losses runs each network once on all its points; slicing that batch must give the

@@ -1,6 +1,7 @@
 """Atlas preparation for video editing: per-pixel UV maps, discretised atlases, sampling back.
 
-An atlas layer lives in UV space ([0, 1]^2 foreground, [-1, 0]^2 background). It is turned
+An atlas layer lives in UV space (foreground v > 0, usually [0, 1]^2; background v < 0, usually
+[-1, 0]^2; a grid-backend layer with a long pan extends further in u). It is turned
 into an image by querying the atlas network on a regular grid of `resolution` pixels per UV
 unit, cropped to the box the video actually uses. Edits made on that image are sampled back
 to every frame pixel through its UV with bilinear grid_sample.

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from datasets.video_frames import read_frames, read_masks, write_video
 from models.nla import MLP, GridAtlas, GridMapping, NLAModel
 from util import nla_losses as L
+from util.atlas import bounding_box
 from util.config import ConfigError, public
 from util.flow import video_flows
 from util.image_io import save_png
@@ -132,20 +133,51 @@ def layer_motion(data: VideoData, foreground: bool):
     return position - position.mean(dim=0)
 
 
+# the share of the atlas each layer may use, as ranges of its mapping output (x, y) (UV = 0.5 * m
+# + 0.5 foreground, 0.5 * m - 0.5 background; the grid atlas covers UV [-1, 1]^2): the
+# foreground keeps v > 0 and the background v < 0, and either may use the whole u range
+LAYER_RANGES = {"mapping_foreground": ((-3.0, 1.0), (-1.0, 1.0)), "mapping_background": ((-1.0, 3.0), (-1.0, 1.0))}
+
+
+def layer_placement(motion, scale: float, resx: int, resy: int, allowed, name: str = "layer"):
+    """The offset [2] (mapping units) that puts a layer's extent over the whole video, with each
+    frame at scale * p - motion[t] ([T, 2] mapping units), inside `allowed` ((x0, x1), (y0, y1)),
+    centred on 0 where it fits. A layer moving further than its share of the atlas is centred
+    in it, with a warning: its edges then meet the atlas border."""
+    half = max(resx, resy) / 2
+    frame_lo = torch.tensor([-scale, -scale])
+    frame_hi = torch.tensor([scale * (resx / half - 1), scale * (resy / half - 1)])
+    lo, hi = frame_lo - motion.max(dim=0).values.cpu(), frame_hi - motion.min(dim=0).values.cpu()
+    offset = torch.zeros(2)
+    for axis, (a0, a1) in enumerate(allowed):
+        low, high = a0 - lo[axis], a1 - hi[axis]  # the offsets that keep the extent inside [a0, a1]
+        if low <= high:
+            offset[axis] = min(max(-(lo[axis] + hi[axis]) / 2, low), high)
+        else:
+            offset[axis] = (a0 + a1 - lo[axis] - hi[axis]) / 2
+            warnings.warn(f"{name} moves {float((hi - lo)[axis] - (frame_hi - frame_lo)[axis]) * half / scale:.0f} px "
+                          f"along {'xy'[axis]}, more than its atlas holds at uv_mapping_scale={scale}; "
+                          "lower uv_mapping_scale to keep its edges sharp")
+    return offset
+
+
 def pretrain_mappings(nla: NLAModel, data: VideoData, cfg: dict, generator, device):
     """Make both mappings start as UV = uv_mapping_scale * (x, y) (normalised coordinates).
 
     Official MLPs are fitted to that for pretrain_iter_number steps. Grid mappings are it
     exactly; with pretrain_motion they start from (x, y) minus the layer's estimated
     translation in each frame, so a camera pan is undone from the start instead of being
-    learned slowly (worth ~4.5 dB after 2 minutes on DAVIS blackswan, CPU)."""
+    learned slowly (worth ~4.5 dB after 2 minutes on DAVIS blackswan, CPU), and the layer is
+    placed where its whole extent fits in the atlas (a long pan would otherwise run off it)."""
     s, half = cfg["uv_mapping_scale"], max(data.W, data.H) / 2
     for name in ("mapping_foreground", "mapping_background"):
         net = getattr(nla, name)
         if isinstance(net, GridMapping) and cfg["pretrain_motion"]:
             motion = layer_motion(data, name == "mapping_foreground") / half * s  # [T, 2] mapping units
+            place = layer_placement(motion, s, data.W, data.H, LAYER_RANGES[name], name.split("_")[1])
             with torch.no_grad():  # exact: a constant offset per frame
-                net.offsets.copy_(-motion.t()[None, :, :, None, None].expand_as(net.offsets))
+                offsets = place.to(motion.device) - motion  # [T, 2]
+                net.offsets.copy_(offsets.t()[None, :, :, None, None].expand_as(net.offsets))
     if not isinstance(nla.mapping_foreground, MLP):
         return
     params = list(nla.mapping_foreground.parameters()) + list(nla.mapping_background.parameters())
@@ -264,18 +296,21 @@ def checkerboard(uv, squares: int = 20):
     return ((cells[..., :1] + cells[..., 1:]) % 2)
 
 
+def checkerboard_frame(maps: dict):
+    """A checkerboard on each atlas (foreground red/white, background blue/white) seen in one
+    frame, from render_frame's maps: [H, W, 3]."""
+    cf, cb = checkerboard(maps["uv_fg"]), checkerboard(maps["uv_bg"])
+    fg = torch.cat([torch.ones_like(cf), cf, cf], dim=-1)
+    bg = torch.cat([cb, cb, torch.ones_like(cb)], dim=-1)
+    return maps["alpha"] * fg + (1 - maps["alpha"]) * bg
+
+
 @torch.no_grad()
 def checkerboard_video(nla: NLAModel, chunk: int = 65536):
-    """A checkerboard on each atlas (foreground red/white, background blue/white) mapped to the frames."""
+    """The atlas checkerboards mapped to every frame: [T, 3, H, W]."""
     device = next(nla.parameters()).device
-    out = []
-    for t in range(nla.n_frames):
-        m = nla.render_frame(t, chunk, device=device)
-        cf, cb = checkerboard(m["uv_fg"]), checkerboard(m["uv_bg"])
-        fg = torch.cat([torch.ones_like(cf), cf, cf], dim=-1)
-        bg = torch.cat([cb, cb, torch.ones_like(cb)], dim=-1)
-        out.append(m["alpha"] * fg + (1 - m["alpha"]) * bg)
-    return torch.stack(out).permute(0, 3, 1, 2)  # [T, 3, H, W]
+    frames = [checkerboard_frame(nla.render_frame(t, chunk, device=device)) for t in range(nla.n_frames)]
+    return torch.stack(frames).permute(0, 3, 1, 2)
 
 
 def flow_warp_error(video, data: VideoData) -> float:
@@ -295,7 +330,8 @@ def flow_warp_error(video, data: VideoData) -> float:
 
 @torch.no_grad()
 def save_previews(nla: NLAModel, data: VideoData, folder: Path, cfg: dict, recon=None):
-    """Reconstruction vs input, both atlases, and the checkerboard mapped through them."""
+    """Reconstruction vs input, both atlases (the part the video uses), and the checkerboard
+    mapped through them."""
     device = next(nla.parameters()).device
     folder.mkdir(parents=True, exist_ok=True)
     recon = reconstruct(nla) if recon is None else recon
@@ -303,15 +339,24 @@ def save_previews(nla: NLAModel, data: VideoData, folder: Path, cfg: dict, recon
     mid = data.T // 2
     for t in (0, mid):
         save_png(torch.cat([frames[t:t + 1], recon[t:t + 1]], dim=-1), folder / f"reconstruction_{t:05d}.png")
-    res = cfg["preview_atlas_resolution"]
-    grid = torch.stack(torch.meshgrid((torch.arange(res, device=device) + 0.5) / res,
-                                      (torch.arange(res, device=device) + 0.5) / res, indexing="xy"), -1)
-    for name, offset in (("atlas_foreground", 0.0), ("atlas_background", -1.0)):
-        colour = nla.colour(grid.reshape(-1, 2) + offset).view(res, res, 3).permute(2, 0, 1)[None]
-        save_png(colour, folder / f"{name}.png")
-    board = checkerboard_video(nla)
-    for t in (0, mid):
-        save_png(board[t:t + 1], folder / f"checkerboard_{t:05d}.png")
+    used = {"foreground": [], "background": []}  # UV corners each layer shows in each frame
+    for t in range(data.T):
+        maps = nla.render_frame(t, device=device)
+        if t in (0, mid):
+            save_png(checkerboard_frame(maps).permute(2, 0, 1)[None], folder / f"checkerboard_{t:05d}.png")
+        shown = maps["alpha"][..., 0] >= 0.5
+        for layer, uv, where in (("foreground", maps["uv_fg"], shown), ("background", maps["uv_bg"], ~shown)):
+            if where.any():
+                used[layer] += [uv[where].amin(dim=0), uv[where].amax(dim=0)]
+    for layer, corners in used.items():
+        if not corners:  # e.g. no foreground: show the layer's usual square
+            corners = [torch.zeros(2), torch.ones(2)] if layer == "foreground" else [-torch.ones(2), torch.zeros(2)]
+        corners = torch.stack(corners).cpu()
+        extent = float((corners.amax(dim=0) - corners.amin(dim=0)).max().clamp(min=1e-3))
+        box = bounding_box(corners, resolution=cfg["preview_atlas_resolution"] / extent)
+        h, w = box.size
+        colour = nla.colour(box.pixel_centres(device)).view(h, w, 3).permute(2, 0, 1)[None]
+        save_png(colour, folder / f"atlas_{layer}.png")
 
 
 def train(cfg: dict, video_path, masks_path, out_dir) -> Path:
