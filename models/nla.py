@@ -6,14 +6,13 @@ opacity network blends the layers:
 
     foreground UV  = 0.5 * M_f(p) + 0.5          in [0, 1]^2
     background UV  = 0.5 * M_b(p) - 0.5          in [-1, 0]^2
-
-(the grid backend may place a layer that moves far, e.g. a long camera pan, further along u,
-keeping foreground v > 0 and background v < 0; its mappings are not bounded by tanh)
     colour(uv)     = (atlas(uv) + 1) / 2
     opacity(p)     = 0.99 * (alpha(p) + 1) / 2 + 0.001
     frame          = opacity * fg + (1 - opacity) * bg
 
 with p = (x / (L/2) - 1, y / (L/2) - 1, t / (T/2) - 1), L = max(resx, resy), T frames.
+The grid backend may place a layer that moves far (a long camera pan) further along u, keeping
+foreground v > 0 and background v < 0; its mappings are not bounded by tanh.
 
 Checkpoints are torch.save dicts holding model_F_mapping1_state_dict (M_f),
 model_F_mapping2_state_dict (M_b), F_atlas_state_dict (one atlas shared by both layers) and
