@@ -152,28 +152,36 @@ class GridAtlas(nn.Module):
 class GridMapping(nn.Module):
     """A mapping (x, y, t) -> UV as the scaled identity plus a learned offset field (`grid` backend).
 
-    The offsets live on a dense [2, T, Hg, Wg] grid with a vertex every `cell` pixels in every
-    frame, interpolated (tri)linearly; outside the frame they continue as the border's. At
-    initialisation the offsets are 0, so the mapping is exactly uv_mapping_scale * (x, y) and
-    needs no pretraining; each region aligns on its own instead of waiting for a global MLP
-    to bend, which is what makes this backend fast.
+    The offsets live on dense [2, T, Hg, Wg] grids with a vertex every `cell` pixels in every
+    frame, interpolated (tri)linearly; outside the frame they continue as the border's. With
+    levels > 1, coarser grids (a vertex every 2 cell, 4 cell, ... pixels) add their offsets:
+    each of their vertices sees many samples per step, so motion at the scale of whole
+    regions is learned quickly and the finest grid only adds detail. At initialisation the
+    offsets are 0, so the mapping is exactly uv_mapping_scale * (x, y) and needs no
+    pretraining; each region aligns on its own instead of waiting for a global MLP to bend,
+    which is what makes this backend fast.
     """
 
-    def __init__(self, resx: int, resy: int, n_frames: int, cell: int = 8, scale: float = 0.8):
+    def __init__(self, resx: int, resy: int, n_frames: int, cell: int = 8, scale: float = 0.8, levels: int = 1):
         super().__init__()
         self.resx, self.resy, self.n_frames, self.cell, self.scale = resx, resy, n_frames, cell, scale
-        self.grid_w, self.grid_h = math.ceil((resx - 1) / cell) + 1, math.ceil((resy - 1) / cell) + 1
-        self.offsets = nn.Parameter(torch.zeros(1, 2, n_frames, self.grid_h, self.grid_w))
-        self.config = dict(resx=resx, resy=resy, n_frames=n_frames, cell=cell, scale=scale)
+        self.cells = [cell * 2 ** level for level in range(levels)]  # finest first
+        shapes = [(math.ceil((resy - 1) / c) + 1, math.ceil((resx - 1) / c) + 1) for c in self.cells]
+        self.offsets = nn.Parameter(torch.zeros(1, 2, n_frames, *shapes[0]))  # the finest level
+        self.coarse = nn.ParameterList([nn.Parameter(torch.zeros(1, 2, n_frames, *shape)) for shape in shapes[1:]])
+        self.config = dict(resx=resx, resy=resy, n_frames=n_frames, cell=cell, scale=scale, levels=levels)
 
     def forward(self, p):
         half = max(self.resx, self.resy) / 2
         x, y = (p[:, 0] + 1) * half, (p[:, 1] + 1) * half  # pixels
         t = (p[:, 2] + 1) * self.n_frames / 2  # frame index
-        at = torch.stack([x / ((self.grid_w - 1) * self.cell) * 2 - 1, y / ((self.grid_h - 1) * self.cell) * 2 - 1,
-                          t / max(self.n_frames - 1, 1) * 2 - 1], dim=-1)  # [N, 3] grid_sample order (w, h, d)
-        offset = F.grid_sample(self.offsets, at.view(1, -1, 1, 1, 3).to(self.offsets.dtype), mode="bilinear",
-                               padding_mode="border", align_corners=True)[0, :, :, 0, 0].t()  # [N, 2]
+        t = t / max(self.n_frames - 1, 1) * 2 - 1  # grid_sample's depth coordinate
+        offset = 0
+        for grid, c in zip([self.offsets, *self.coarse], self.cells):
+            grid_h, grid_w = grid.shape[-2:]
+            at = torch.stack([x / ((grid_w - 1) * c) * 2 - 1, y / ((grid_h - 1) * c) * 2 - 1, t], dim=-1)  # [N, 3]
+            offset = offset + F.grid_sample(grid, at.view(1, -1, 1, 1, 3).to(grid.dtype), mode="bilinear",
+                                            padding_mode="border", align_corners=True)[0, :, :, 0, 0].t()  # [N, 2]
         return self.scale * p[:, :2] + offset  # not clamped: the rigidity losses look past the frame
 
 

@@ -105,6 +105,21 @@ def test_grid_atlas_interpolates_and_only_nearby_texels_learn():
     assert 0 < int((finest != 0).sum()) <= 4  # the four texels around one sample
 
 
+def test_coarse_mapping_levels_add_smooth_offsets_and_learn():
+    from models.nla import GridMapping
+    mapping = GridMapping(64, 32, 4, cell=4, scale=0.8, levels=3)
+    assert [tuple(g.shape[-2:]) for g in [mapping.offsets, *mapping.coarse]] == [(9, 17), (5, 9), (3, 5)]
+    model = NLAModel(64, 32, 4)
+    p = model.normalize(torch.rand(200) * 63, torch.rand(200) * 31, torch.randint(0, 4, (200,)).float())
+    assert torch.allclose(mapping(p), 0.8 * p[:, :2], atol=1e-6)  # identity at the start
+    with torch.no_grad():
+        mapping.coarse[1][:, 0] = 0.05  # the coarsest level shifts everything right
+    assert torch.allclose(mapping(p)[:, 0], 0.8 * p[:, 0] + 0.05, atol=1e-6)
+    loss = (mapping(p) - 0.8 * p[:, :2]).pow(2).sum()
+    loss.backward()
+    assert all(g.grad is not None and g.grad.abs().sum() > 0 for g in [mapping.offsets, *mapping.coarse])
+
+
 def test_grid_mapping_starts_as_the_scaled_identity_and_keeps_rigidity_zero():
     from models.nla import GridMapping
     from util.nla_losses import rigidity_loss

@@ -57,6 +57,7 @@ RULES = {
     "grid_mlp_width": dict(type="int", min=1),
     "grid_lr": dict(type="float", min=0.0, exclusive_min=True),
     "grid_mapping_cell": dict(type="int", min=1),
+    "grid_mapping_levels": dict(type="int", min=1, max=8),
     "grid_mapping_lr": dict(type="float", min=0.0, exclusive_min=True),
     "grid_mlp_lr": dict(type="float", min=0.0, exclusive_min=True),
     "grid_alpha_layers": dict(type="int", min=2),

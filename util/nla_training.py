@@ -53,8 +53,10 @@ def build_model(cfg: dict, data: VideoData) -> NLAModel:
     the mappings with a small opacity MLP (atlas_backend=grid)."""
     if cfg["atlas_backend"] == "grid":
         networks = {
-            "mapping_foreground": GridMapping(data.W, data.H, data.T, cfg["grid_mapping_cell"], cfg["uv_mapping_scale"]),
-            "mapping_background": GridMapping(data.W, data.H, data.T, cfg["grid_mapping_cell"], cfg["uv_mapping_scale"]),
+            "mapping_foreground": GridMapping(data.W, data.H, data.T, cfg["grid_mapping_cell"], cfg["uv_mapping_scale"],
+                                              cfg["grid_mapping_levels"]),
+            "mapping_background": GridMapping(data.W, data.H, data.T, cfg["grid_mapping_cell"], cfg["uv_mapping_scale"],
+                                              cfg["grid_mapping_levels"]),
             "atlas": GridAtlas(3, levels=cfg["grid_levels"], features=cfg["grid_features"],
                                max_resolution=cfg["grid_max_resolution"], width=cfg["grid_mlp_width"]),
             "alpha": MLP(3, 1, cfg["grid_alpha_layers"], cfg["grid_alpha_width"], cfg["positional_encoding_num_alpha"]),
@@ -87,7 +89,7 @@ def make_optimizer(nla: NLAModel, cfg: dict) -> torch.optim.Adam:
     groups = {"lr": [], "grid_lr": [], "grid_mapping_lr": [], "grid_mlp_lr": []}
     for name, param in nla.named_parameters():
         key = ("lr" if not grid_backend else "grid_lr" if name.startswith("atlas.grids.") else
-               "grid_mapping_lr" if name.endswith(".offsets") else "grid_mlp_lr")
+               "grid_mapping_lr" if name.endswith(".offsets") or ".coarse." in name else "grid_mlp_lr")
         groups[key].append(param)
     # fused Adam updates the millions of grid texels ~6x faster on a CPU; the official MLPs keep
     # PyTorch's default Adam, as the original code does
