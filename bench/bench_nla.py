@@ -21,7 +21,12 @@ import torch  # noqa: E402
 from util.config import load_config  # noqa: E402
 from util.image_training import pick_device  # noqa: E402
 from util.nla_training import (VideoData, build_model, checkerboard_video, flow_warp_error,  # noqa: E402
-                               make_optimizer, nla_precision, pretrain_mappings, psnr, reconstruct, step_losses)
+                               prepare_training, psnr, reconstruct, sample_pixels, save_previews)
+
+
+def synchronize(device):
+    if device.type == "cuda":  # GPU work is queued: wait for it before reading a clock
+        torch.cuda.synchronize(device)
 
 
 def main():
@@ -36,6 +41,7 @@ def main():
                         help="also print the video PSNR every this many training minutes (evaluation time "
                              "is not counted)")
     parser.add_argument("--work", default=None, help="folder for the flow cache (default: a temporary one)")
+    parser.add_argument("--previews", default=None, help="also save the final previews (train_nla.py's) here")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args()
     cfg = load_config("nla", config=args.config, overrides=[f"resx={args.resx}", f"resy={args.resy}", *args.overrides])
@@ -46,32 +52,44 @@ def main():
         frames = data.frames.permute(0, 3, 1, 2)
         torch.manual_seed(cfg["seed"])
         generator = torch.Generator(device).manual_seed(cfg["seed"])
-        nla = build_model(cfg, data).to(device)
-        nla.amp_dtype = nla_precision(cfg, device)
-        pretrain_mappings(nla, data, cfg, generator, device)
-        opt = make_optimizer(nla, cfg)
+        nla, _, step = prepare_training(build_model(cfg, data), data, cfg, device, generator)
+        synchronize(device)
+        training_began = time.time()
         steps, paused, next_log = 0, 0.0, args.log_minutes * 60
-        while time.time() - start - paused < args.minutes * 60 and steps < cfg["iters_num"]:
-            total, _, _ = step_losses(nla, data, cfg, steps, generator, device)
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            opt.step()
+        while steps < cfg["iters_num"]:
+            step(steps, sample_pixels(cfg["samples_batch"], data, generator))
             steps += 1
+            if steps % 20 == 0 or device.type != "cuda":
+                synchronize(device)
+                if time.time() - start - paused >= args.minutes * 60:
+                    break
             if args.log_minutes and time.time() - start - paused >= next_log:
+                synchronize(device)
                 began = time.time()
                 print(json.dumps({"minutes": round(next_log / 60, 2), "steps": steps,
                                   "psnr_db": round(psnr(reconstruct(nla), frames), 2)}), file=sys.stderr, flush=True)
                 paused += time.time() - began
                 next_log += args.log_minutes * 60
+        synchronize(device)
         train_seconds = time.time() - start - paused
+        steps_per_second = steps / max(time.time() - training_began - paused, 1e-9)
+        recon = reconstruct(nla)
         result = {
             "video": args.video, "resolution": f"{data.W}x{data.H}", "frames": data.T, "device": str(device),
             "backend": cfg["atlas_backend"], "precision": str(nla.amp_dtype or "float32"),
             "wall_seconds": round(train_seconds, 1), "steps": steps,
-            "psnr_db": round(psnr(reconstruct(nla), frames), 2),
+            "steps_per_second": round(steps_per_second, 1),
+            "samples_batch": cfg["samples_batch"], "cuda_graph": step.use_graph,
+            "psnr_db": round(psnr(recon, frames), 2),
             "checkerboard_flow_warp_error": round(flow_warp_error(checkerboard_video(nla), data), 4),
             "input_flow_warp_error": round(flow_warp_error(frames, data), 4),
         }
+        if data.masks is not None:  # where the error is: on the object or around it
+            inside = (data.masks >= 0.5)[:, None].expand_as(frames)
+            for name, where in (("psnr_object_db", inside), ("psnr_elsewhere_db", ~inside)):
+                result[name] = round(psnr(recon[where], frames[where]), 2)
+        if args.previews:
+            save_previews(nla, data, Path(args.previews), cfg, recon)
     print(json.dumps(result))
 
 

@@ -234,8 +234,9 @@ class NLAModel(nn.Module):
     def _autocast(self, x):
         """Atlas and opacity networks may run in `amp_dtype` (bf16); the mappings always run in
         float32, since the rigidity and flow losses difference UVs one pixel apart."""
+        # no weight-cast cache: each network runs once per step, and a cache breaks CUDA graph capture
         return torch.autocast(device_type=x.device.type, dtype=self.amp_dtype or torch.bfloat16,
-                              enabled=self.amp_dtype is not None)
+                              enabled=self.amp_dtype is not None, cache_enabled=False)
 
     def forward(self, p):
         """Everything at points p [N, 3]: dict of uv_fg, uv_bg [N, 2], alpha [N, 1], fg, bg, rgb [N, 3]."""

@@ -27,14 +27,20 @@ def rigidity_loss(m, m_dx, m_dy, step_normalized, uv_mapping_scale: float, eps: 
     coordinates with step `step_normalized` (a number, or [N, 1] per point), divided by
     uv_mapping_scale, so the mapping that pretraining starts from (output = uv_mapping_scale *
     (x, y)) has J = I and loss 0. reduce=False gives the per-point values [N].
+
+    In closed form: with columns j_x, j_y of J, J^T J = [[a, b], [b, c]] (a = j_x.j_x, b = j_x.j_y,
+    c = j_y.j_y), and a 2x2 matrix's inverse has the Frobenius norm of the matrix over its
+    determinant. A few elementwise kernels instead of a batched inverse: cheaper everywhere, and
+    nothing that could make a GPU wait or break a CUDA graph capture.
     """
-    J = torch.stack([(m_dx - m) / step_normalized, (m_dy - m) / step_normalized], dim=-1) / uv_mapping_scale
-    JtJ = J.transpose(-2, -1) @ J  # [N, 2, 2]
-    eye = torch.eye(2, device=m.device, dtype=m.dtype)
-    # inv_ex: JtJ + eps*I is always invertible, and skipping inv's error check spares a GPU sync
-    inverse = torch.linalg.inv_ex(JtJ + eps * eye).inverse
-    value = JtJ.flatten(1).norm(dim=-1) + inverse.flatten(1).norm(dim=-1)
-    ideal = math.sqrt(2) * (1 + 1 / (1 + eps))
+    j_x = (m_dx - m) / (step_normalized * uv_mapping_scale)  # [N, 2]
+    j_y = (m_dy - m) / (step_normalized * uv_mapping_scale)
+    a, b, c = (j_x * j_x).sum(-1), (j_x * j_y).sum(-1), (j_y * j_y).sum(-1)  # [N] each
+    root2 = math.sqrt(2)
+    norm_jtj = torch.stack([a, root2 * b, c], dim=-1).norm(dim=-1)  # norm(): gradient 0 at 0, not NaN
+    norm_shifted = torch.stack([a + eps, root2 * b, c + eps], dim=-1).norm(dim=-1)
+    value = norm_jtj + norm_shifted / ((a + eps) * (c + eps) - b * b)
+    ideal = root2 * (1 + 1 / (1 + eps))
     return (value - ideal).mean() if reduce else value - ideal
 
 

@@ -82,9 +82,10 @@ def nla_precision(cfg: dict, device) -> torch.dtype | None:
     return resolve_precision(cfg["mixed_precision"], device)
 
 
-def make_optimizer(nla: NLAModel, cfg: dict) -> torch.optim.Adam:
+def make_optimizer(nla: NLAModel, cfg: dict, capturable: bool = False) -> torch.optim.Adam:
     """Adam over all four networks. The grid backend's atlas grids, mapping offsets and MLPs each
-    take their own learning rate; the official MLPs take lr."""
+    take their own learning rate; the official MLPs take lr. capturable: keep Adam's step
+    counts on the device, so a CUDA graph can capture opt.step()."""
     grid_backend = isinstance(nla.atlas, GridAtlas)
     groups = {"lr": [], "grid_lr": [], "grid_mapping_lr": [], "grid_mlp_lr": []}
     for name, param in nla.named_parameters():
@@ -94,10 +95,10 @@ def make_optimizer(nla: NLAModel, cfg: dict) -> torch.optim.Adam:
     # fused Adam updates the millions of grid texels ~6x faster on a CPU; the official MLPs keep
     # PyTorch's default Adam, as the original code does
     return torch.optim.Adam([{"params": params, "lr": cfg[key]} for key, params in groups.items() if params],
-                            fused=grid_backend)
+                            fused=grid_backend, capturable=capturable)
 
 
-def sample_pixels(n: int, data: VideoData, generator: torch.Generator, device):
+def sample_pixels(n: int, data: VideoData, generator: torch.Generator):
     """Random integer (t, y, x), leaving room for the right and lower neighbours. Drawn on the
     generator's device: a GPU run then never copies (and waits) per step."""
     t = torch.randint(0, data.T, (n,), generator=generator, device=generator.device)
@@ -185,7 +186,7 @@ def pretrain_mappings(nla: NLAModel, data: VideoData, cfg: dict, generator, devi
     params = list(nla.mapping_foreground.parameters()) + list(nla.mapping_background.parameters())
     opt = torch.optim.Adam(params, lr=cfg["lr"])
     for _ in tqdm(range(cfg["pretrain_iter_number"]), desc="pretraining mappings"):
-        t, y, x = sample_pixels(cfg["samples_batch"], data, generator, device)
+        t, y, x = sample_pixels(cfg["samples_batch"], data, generator)
         p = nla.normalize(x.float(), y.float(), t.float())
         target = s * p[:, :2]
         loss = F.mse_loss(nla.mapping_foreground(p), target) + F.mse_loss(nla.mapping_background(p), target)
@@ -194,14 +195,16 @@ def pretrain_mappings(nla: NLAModel, data: VideoData, cfg: dict, generator, devi
         opt.step()
 
 
-def step_losses(nla: NLAModel, data: VideoData, cfg: dict, it: int, generator, device):
-    """All weighted losses of one step: (total, {name: detached tensor}, batch reconstruction mse
-    per channel, detached). Nothing here waits for the device.
+def step_losses(nla: NLAModel, data: VideoData, cfg: dict, it: int, sample):
+    """All weighted losses of one step at the sampled pixels `sample` = (t, y, x) (from
+    sample_pixels): (total, {name: detached tensor}, batch reconstruction mse per channel,
+    detached). Nothing here waits for the device or depends on tensor values for shapes, so a
+    CUDA graph can capture it (TrainingStep).
 
     Each network runs once per step, on every point it is needed at, so a step is a few large
-    kernels rather than many small ones (a GPU step is bound by kernel launches)."""
-    n, T = cfg["samples_batch"], data.T
-    t, y, x = sample_pixels(n, data, generator, device)
+    kernels rather than many small ones."""
+    t, y, x = sample
+    n, T, device = t.shape[0], data.T, t.device
     tf, yf, xf = t.float(), y.float(), x.float()
     half = max(data.W, data.H) / 2
     s = cfg["uv_mapping_scale"]
@@ -278,6 +281,74 @@ def step_losses(nla: NLAModel, data: VideoData, cfg: dict, it: int, generator, d
             alpha[:n], data.masks[t, y, x][:, None])
     total = sum(terms.values())
     return total, {k: v.detach() for k, v in terms.items()}, mse.detach() / 3
+
+
+class TrainingStep:
+    """One optimisation step of atlas training (losses, backward, Adam), called as
+    step(it, sample) -> ({name: loss}, batch mse), whose tensors stay valid until the next call.
+
+    With use_graph (a CUDA device), the step is captured as a CUDA graph once per phase of the
+    schedule (global rigidity on or off, mask bootstrapping on or off) and replayed. A grid
+    step is hundreds of small kernels, so an eager GPU step is bound by launching them (about
+    40 steps/s on an H100); a replay launches them all at once. The sampled pixels are drawn
+    eagerly and copied into the graph's inputs, so both paths train on the same samples. The
+    optimizer must be capturable (make_optimizer(..., capturable=True)). If a capture fails,
+    training goes on eagerly, with a warning.
+    """
+
+    WARMUP = 3  # eager steps before each capture, on a side stream: lazy initialisation happens there
+
+    def __init__(self, nla: NLAModel, data: VideoData, cfg: dict, opt: torch.optim.Optimizer, use_graph: bool):
+        self.nla, self.data, self.cfg, self.opt, self.use_graph = nla, data, cfg, opt, use_graph
+        self.graph = self.graph_phase = self.inputs = self.outputs = None
+        self.warmed = 0
+
+    def phase(self, it: int):
+        return (it < self.cfg["stop_global_rigidity"],
+                self.data.masks is not None and it < self.cfg["stop_bootstrapping_iteration"])
+
+    def eager(self, it: int, sample):
+        total, terms, mse = step_losses(self.nla, self.data, self.cfg, it, sample)
+        self.opt.zero_grad(set_to_none=True)
+        total.backward()
+        self.opt.step()
+        return terms, mse
+
+    def __call__(self, it: int, sample):
+        if not self.use_graph:
+            return self.eager(it, sample)
+        phase = self.phase(it)
+        if phase != self.graph_phase:
+            if self.warmed < self.WARMUP:
+                self.warmed += 1
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    out = self.eager(it, sample)
+                torch.cuda.current_stream().wait_stream(side)
+                return out
+            try:
+                self.capture(it, phase, sample)
+            except RuntimeError as e:
+                warnings.warn(f"CUDA graph capture failed ({str(e).splitlines()[0]}); training eagerly "
+                              "(slower; set cuda_graph=false to skip the attempt)")
+                self.use_graph, self.graph = False, None
+                return self.eager(it, sample)
+        for static, new in zip(self.inputs, sample):
+            static.copy_(new)
+        self.graph.replay()
+        return self.outputs
+
+    def capture(self, it: int, phase, sample):
+        self.graph = self.outputs = None  # the previous phase's graph and its memory go
+        self.opt.zero_grad(set_to_none=True)  # backward inside the capture allocates the gradients
+        self.inputs = [s.clone() for s in sample]
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            total, terms, mse = step_losses(self.nla, self.data, self.cfg, it, self.inputs)
+            total.backward()
+            self.opt.step()
+        self.graph, self.graph_phase, self.outputs, self.warmed = graph, phase, (terms, mse), 0
 
 
 @torch.no_grad()
@@ -361,13 +432,25 @@ def save_previews(nla: NLAModel, data: VideoData, folder: Path, cfg: dict, recon
         save_png(colour, folder / f"atlas_{layer}.png")
 
 
+def prepare_training(nla: NLAModel, data: VideoData, cfg: dict, device, generator, state: dict | None = None):
+    """The model on the device with its precision, its optimizer and the TrainingStep. A new
+    model (state None) gets its mappings pretrained; a checkpoint's state restores the optimizer."""
+    nla = nla.to(device)
+    nla.amp_dtype = nla_precision(cfg, device)
+    use_graph = torch.device(device).type == "cuda" and cfg["cuda_graph"]
+    opt = make_optimizer(nla, cfg, capturable=use_graph)
+    if state and "optimizer_state_dict" in state:
+        opt.load_state_dict(state["optimizer_state_dict"])
+    if not state:
+        pretrain_mappings(nla, data, cfg, generator, device)
+    return nla, opt, TrainingStep(nla, data, cfg, opt, use_graph)
+
+
 def train(cfg: dict, video_path, masks_path, out_dir) -> Path:
     """Train (or resume) an atlas; write out_dir/checkpoint and the run's outputs."""
     out_dir = Path(out_dir)
     device = pick_device(cfg["device"])
     data = VideoData(video_path, masks_path, cfg, out_dir, device)
-    torch.manual_seed(cfg["seed"])
-    generator = torch.Generator(device).manual_seed(cfg["seed"])
     ckpt_path = out_dir / "checkpoint"
     state, start = {}, 0
     if ckpt_path.is_file():
@@ -375,22 +458,16 @@ def train(cfg: dict, video_path, masks_path, out_dir) -> Path:
         start = int(state.get("iteration", 0))
         if start >= cfg["iters_num"]:
             raise ConfigError(f"{ckpt_path} already has {start} iterations; raise iters_num or choose another --out")
-        nla = NLAModel.from_checkpoint(ckpt_path, data.W, data.H, data.T)
-    else:
-        nla = build_model(cfg, data)
-    nla = nla.to(device)
-    nla.amp_dtype = nla_precision(cfg, device)
-    opt = make_optimizer(nla, cfg)
-    if "optimizer_state_dict" in state:
-        opt.load_state_dict(state["optimizer_state_dict"])
+    torch.manual_seed(cfg["seed"] + start)  # a resumed run draws new samples, not the first ones again
+    generator = torch.Generator(device).manual_seed(cfg["seed"] + start)
+    nla = NLAModel.from_checkpoint(ckpt_path, data.W, data.H, data.T) if state else build_model(cfg, data)
+    nla, opt, step = prepare_training(nla, data, cfg, device, generator, state)
     if start:
         print(f"resuming {ckpt_path} at iteration {start}")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(yaml.safe_dump(
         {**public(cfg), "video": str(video_path), "masks": None if masks_path is None else str(masks_path)},
         sort_keys=False))
-    if start == 0:
-        pretrain_mappings(nla, data, cfg, generator, device)
 
     def save(iteration):
         save_atomic({**nla.checkpoint(), "iteration": iteration, "optimizer_state_dict": opt.state_dict(),
@@ -407,14 +484,11 @@ def train(cfg: dict, video_path, masks_path, out_dir) -> Path:
     it = start
     try:
         for it in bar:
-            total, terms, mse = step_losses(nla, data, cfg, it, generator, device)
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            opt.step()
+            terms, mse = step(it, sample_pixels(cfg["samples_batch"], data, generator))
             done = it + 1
             if done % 10 == 0 or done % cfg["evaluate_every"] == 0:  # reading values waits for the GPU
                 batch_psnr = 10 * math.log10(1 / max(float(mse), 1e-12))
-                bar.set_postfix(psnr=f"{batch_psnr:.2f}dB", loss=f"{float(total.detach()):.3f}")
+                bar.set_postfix(psnr=f"{batch_psnr:.2f}dB", loss=f"{float(sum(terms.values())):.3f}")
             if done % cfg["evaluate_every"] == 0 and done < cfg["iters_num"]:
                 recon = reconstruct(nla)
                 video_psnr = psnr(recon, data.frames.permute(0, 3, 1, 2))
