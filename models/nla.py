@@ -171,17 +171,32 @@ class GridMapping(nn.Module):
         self.coarse = nn.ParameterList([nn.Parameter(torch.zeros(1, 2, n_frames, *shape)) for shape in shapes[1:]])
         self.config = dict(resx=resx, resy=resy, n_frames=n_frames, cell=cell, scale=scale, levels=levels)
 
+    def offset_grid(self):
+        """All levels summed on the finest vertices: [1, 2, T, Hg, Wg].
+
+        A coarse level's bilinear interpolant is bilinear inside each finer cell (the cells
+        nest), so upsampling it to the fine vertices and interpolating once gives the same
+        offsets inside the frame as sampling every level, for one grid_sample instead of one
+        per level. (Past the frame's edge each level used to clamp at its own border.)"""
+        grid = self.offsets
+        grid_h, grid_w = grid.shape[-2:]
+        for level, coarse in enumerate(self.coarse, start=1):
+            f, (coarse_h, coarse_w) = 2 ** level, coarse.shape[-2:]
+            up = F.interpolate(coarse.flatten(1, 2), size=(f * (coarse_h - 1) + 1, f * (coarse_w - 1) + 1),
+                               mode="bilinear", align_corners=True)  # [1, 2T, >= Hg, >= Wg]
+            grid = grid + up[..., :grid_h, :grid_w].view_as(grid)
+        return grid
+
     def forward(self, p):
         half = max(self.resx, self.resy) / 2
         x, y = (p[:, 0] + 1) * half, (p[:, 1] + 1) * half  # pixels
         t = (p[:, 2] + 1) * self.n_frames / 2  # frame index
         t = t / max(self.n_frames - 1, 1) * 2 - 1  # grid_sample's depth coordinate
-        offset = 0
-        for grid, c in zip([self.offsets, *self.coarse], self.cells):
-            grid_h, grid_w = grid.shape[-2:]
-            at = torch.stack([x / ((grid_w - 1) * c) * 2 - 1, y / ((grid_h - 1) * c) * 2 - 1, t], dim=-1)  # [N, 3]
-            offset = offset + F.grid_sample(grid, at.view(1, -1, 1, 1, 3).to(grid.dtype), mode="bilinear",
-                                            padding_mode="border", align_corners=True)[0, :, :, 0, 0].t()  # [N, 2]
+        grid = self.offset_grid()
+        grid_h, grid_w = grid.shape[-2:]
+        at = torch.stack([x / ((grid_w - 1) * self.cell) * 2 - 1, y / ((grid_h - 1) * self.cell) * 2 - 1, t], dim=-1)
+        offset = F.grid_sample(grid, at.view(1, -1, 1, 1, 3).to(grid.dtype), mode="bilinear",
+                               padding_mode="border", align_corners=True)[0, :, :, 0, 0].t()  # [N, 2]
         return self.scale * p[:, :2] + offset  # not clamped: the rigidity losses look past the frame
 
 

@@ -120,6 +120,29 @@ def test_coarse_mapping_levels_add_smooth_offsets_and_learn():
     assert all(g.grad is not None and g.grad.abs().sum() > 0 for g in [mapping.offsets, *mapping.coarse])
 
 
+@pytest.mark.parametrize("resx, resy, cell, levels", [(64, 32, 4, 3), (100, 37, 7, 2), (48, 48, 5, 4)])
+def test_mapping_levels_summed_on_the_finest_vertices_equal_sampling_each_level(resx, resy, cell, levels):
+    """GridMapping samples one grid holding every level upsampled to the finest vertices; inside
+    the frame that must equal bilinear sampling of each level on its own, summed."""
+    import torch.nn.functional as F
+    from models.nla import GridMapping
+    torch.manual_seed(0)
+    T = 3
+    mapping = GridMapping(resx, resy, T, cell=cell, scale=0.8, levels=levels)
+    with torch.no_grad():
+        for grid in mapping.parameters():
+            grid.normal_()
+    x, y, t = torch.rand(500) * (resx - 1), torch.rand(500) * (resy - 1), torch.randint(0, T, (500,)).float()
+    p = NLAModel(resx, resy, T).normalize(x, y, t)
+    depth = t / (T - 1) * 2 - 1
+    expected = 0.8 * p[:, :2]
+    for grid, c in zip([mapping.offsets, *mapping.coarse], mapping.cells):
+        h, w = grid.shape[-2:]
+        at = torch.stack([x / ((w - 1) * c) * 2 - 1, y / ((h - 1) * c) * 2 - 1, depth], dim=-1).view(1, -1, 1, 1, 3)
+        expected = expected + F.grid_sample(grid, at, align_corners=True, padding_mode="border")[0, :, :, 0, 0].t()
+    assert torch.allclose(mapping(p), expected, atol=2e-5)
+
+
 def test_grid_mapping_starts_as_the_scaled_identity_and_keeps_rigidity_zero():
     from models.nla import GridMapping
     from util.nla_losses import rigidity_loss
@@ -163,8 +186,6 @@ def test_grid_checkpoint_round_trip(tmp_path):
 
 
 def test_mixed_precision_keeps_mappings_in_float32_and_gradients_flowing():
-    from util.config import load_config
-    from util.nla_training import nla_precision
     torch.manual_seed(0)
     model = NLAModel(16, 12, 3, {"mapping_foreground": MLP(3, 2, 3, 16), "mapping_background": MLP(3, 2, 3, 16),
                                  "atlas": MLP(2, 3, 3, 16, 4), "alpha": MLP(3, 1, 3, 16, 2)})
@@ -179,6 +200,13 @@ def test_mixed_precision_keeps_mappings_in_float32_and_gradients_flowing():
     assert torch.equal(model.uv_foreground(p), reference)
     out["rgb"].sum().backward()
     assert model.atlas.hidden[0].weight.grad.abs().sum() > 0 and model.alpha.hidden[0].weight.grad.abs().sum() > 0
+
+
+def test_auto_precision_is_bf16_where_fast_and_float32_for_the_official_mlps_on_a_cpu(monkeypatch):
+    from util import nla_training
+    from util.config import load_config
     cfg = load_config("nla")
-    assert nla_precision(cfg, "cpu") is None  # auto: float32 on a CPU, bf16 only on CUDA
-    assert nla_precision({**cfg, "mixed_precision": "bf16"}, "cpu") == torch.bfloat16
+    monkeypatch.setattr(nla_training, "resolve_precision", lambda mode, device: torch.bfloat16)  # a bf16 CPU
+    assert nla_training.nla_precision(cfg, "cpu") == torch.bfloat16  # the grid backend
+    assert nla_training.nla_precision({**cfg, "atlas_backend": "mlp"}, "cpu") is None
+    assert nla_training.nla_precision({**cfg, "atlas_backend": "mlp", "mixed_precision": "bf16"}, "cpu") == torch.bfloat16

@@ -62,6 +62,35 @@ def test_rigidity_closed_form_equals_the_inverse_it_replaces():
     assert torch.isfinite(collapsed.grad).all()
 
 
+def test_learning_rates_decay_and_resume_keeps_this_runs_settings(synthetic_video, tmp_path):
+    """lr_decay scales every group's rate to lr_decay x at iters_num; a checkpoint's optimizer
+    state brings back Adam's moments but not the saved rates or flags."""
+    from util.config import load_config
+    from util.nla_training import build_model, load_optimizer_state, make_optimizer, set_learning_rates
+    cfg = load_config("nla", overrides=["resx=64", "resy=48", "iters_num=100", "lr_decay=0.1", *SMALL_GRIDS])
+    data = VideoData(synthetic_video / "frames", synthetic_video / "masks", cfg, tmp_path, torch.device("cpu"))
+    nla = build_model(cfg, data)
+    opt = make_optimizer(nla, cfg)
+    rates = lambda: [float(g["lr"]) for g in opt.param_groups]  # noqa: E731
+    base = [cfg["grid_lr"], cfg["grid_mapping_lr"], cfg["grid_mlp_lr"]]
+    set_learning_rates(opt, cfg, 0)
+    assert rates() == pytest.approx(base)
+    set_learning_rates(opt, cfg, 50)
+    assert rates() == pytest.approx([r * 0.1 ** 0.5 for r in base])
+    set_learning_rates(opt, cfg, 100)
+    assert rates() == pytest.approx([r * 0.1 for r in base])
+    for param in nla.parameters():  # one step, so Adam has moments to save
+        param.grad = torch.randn_like(param)
+    opt.step()
+    saved = opt.state_dict()
+    other = make_optimizer(nla, {**cfg, "grid_lr": 0.5})
+    load_optimizer_state(other, saved)
+    assert other.param_groups[0]["base_lr"] == 0.5 and other.param_groups[0]["fused"]
+    first = nla.atlas.grids[0]
+    assert torch.equal(other.state[first]["exp_avg"], opt.state[first]["exp_avg"])
+    assert float(other.state[first]["step"]) == 1
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 @pytest.mark.parametrize("backend", ["grid", "mlp"])
 def test_cuda_graph_steps_train_like_eager_steps(backend, synthetic_video, tmp_path):
@@ -139,25 +168,55 @@ def test_layer_motion_recovers_each_layers_translation(synthetic_video, tmp_path
     assert torch.allclose(foreground.diff(dim=0), torch.tensor([3.0, 0.0]).expand(7, 2), atol=0.5)
 
 
+def test_propagated_displacements_follow_each_layers_motion(synthetic_video, tmp_path):
+    """Flow propagated from the middle frame puts every vertex where its layer's content is in
+    the middle frame: the background moves -2 px per frame, the (plain red) square +3."""
+    from util.config import load_config
+    from util.nla_training import layer_motion, propagated_displacements
+    cfg = load_config("nla", overrides={"resx": 64, "resy": 48})
+    data = VideoData(synthetic_video / "frames", synthetic_video / "masks", cfg, tmp_path, torch.device("cpu"))
+    for foreground, speed in ((False, -2.0), (True, 3.0)):
+        displacement = propagated_displacements(data, foreground, 8, layer_motion(data, foreground))
+        assert displacement.shape == (8, 2, 7, 9)
+        for t in range(8):
+            expected = speed * (4 - t)  # frame 4 is the middle one
+            assert (displacement[t, 0] - expected).abs().median() < 0.5, (foreground, t)
+            assert displacement[t, 1].abs().median() < 0.5
+
+
+def test_fill_holes_keeps_valid_values_and_fills_from_neighbours():
+    from util.nla_training import fill_holes
+    values = torch.zeros(2, 40, 40)
+    values[0, :, :20], values[0, :, 20:] = 1.0, 3.0
+    valid = torch.zeros(40, 40, dtype=torch.bool)
+    valid[:, :18] = valid[:, 22:] = True  # a thin hole between two regions
+    valid[:2, :2] = False  # a hole in a corner
+    filled = fill_holes(values, valid, torch.tensor([-5.0, -5.0]))
+    assert torch.equal(filled[:, valid], values[:, valid])
+    assert 1.0 <= filled[0, 20, 18] < 2.0 < filled[0, 20, 21] <= 3.0  # each side takes its near neighbours
+    assert abs(float(filled[0, 0, 0]) - 1.0) < 1e-4 and abs(float(filled[1, 0, 0])) < 1e-4
+    nothing = fill_holes(values, torch.zeros(40, 40, dtype=torch.bool), torch.tensor([-5.0, 7.0]))
+    assert torch.equal(nothing, torch.tensor([-5.0, 7.0]).view(2, 1, 1).expand(2, 40, 40))
+
+
 def test_layer_placement_keeps_a_long_pan_inside_the_atlas():
     from util.nla_training import LAYER_RANGES, layer_placement
-    s, W, H = 0.8, 400, 200  # normalised x in [-1, 1], y in [-1, 0]
-    still = torch.zeros(5, 2)
-    offset = layer_placement(still, s, W, H, LAYER_RANGES["mapping_background"])
+    s, half = 0.8, 200.0  # a 400 x 200 video: normalised x in [-1, 1], y in [-1, 0]
+    still_lo, still_hi = torch.tensor([-s, -s]), torch.tensor([s, 0.0])
+    offset = layer_placement(still_lo, still_hi, s, half, LAYER_RANGES["mapping_background"])
     assert torch.allclose(offset, torch.tensor([0.0, 0.4]))  # centred: x in [-0.8, 0.8], y in [-0.4, 0.4]
-    # the camera pans 500 px right: the background spans 2.6 mapping units in x, more than
+    # the camera pans 500 px right: the background spans 2.8 mapping units in x, more than
     # [-1, 1]; it must move into the background's share ([-1, 3]: UV u in [-1, 1]), not off it
-    pan = torch.stack([torch.linspace(0, 500, 5), torch.zeros(5)], -1) / 200 * s
-    pan = pan - pan.mean(0)
-    offset = layer_placement(pan, s, W, H, LAYER_RANGES["mapping_background"])
-    lo = torch.tensor([-s, -s]) - pan.max(0).values + offset
-    hi = torch.tensor([s, 0.0]) - pan.min(0).values + offset
+    pan_lo, pan_hi = still_lo - torch.tensor([500 / half * s, 0]), still_hi
+    offset = layer_placement(pan_lo, pan_hi, s, half, LAYER_RANGES["mapping_background"])
+    lo, hi = pan_lo + offset, pan_hi + offset
     assert -1 - 1e-6 <= lo[0] and hi[0] <= 3 + 1e-6 and -1 <= lo[1] and hi[1] <= 1
     # the foreground's share is on the other side ([-3, 1]), so its UVs stay at v > 0
-    offset_fg = layer_placement(pan, s, W, H, LAYER_RANGES["mapping_foreground"])
-    assert hi[0] - offset[0] + offset_fg[0] <= 1 + 1e-6
-    with pytest.warns(UserWarning, match="lower uv_mapping_scale"):
-        layer_placement(pan * 3, s, W, H, LAYER_RANGES["mapping_background"])
+    offset_fg = layer_placement(pan_lo, pan_hi, s, half, LAYER_RANGES["mapping_foreground"])
+    assert pan_hi[0] + offset_fg[0] <= 1 + 1e-6 and pan_lo[0] + offset_fg[0] >= -3 - 1e-6
+    with pytest.warns(UserWarning, match="spans 1900 px along x.*lower uv_mapping_scale"):
+        layer_placement(still_lo - torch.tensor([1500 / half * s, 0]), still_hi, s, half,
+                        LAYER_RANGES["mapping_background"], "background")
 
 
 @pytest.mark.parametrize("backend", ["grid", "mlp"])
@@ -215,7 +274,8 @@ def test_training_reconstructs_the_video_and_writes_outputs(trained, synthetic_v
     out, args = trained
     for name in ["checkpoint", "config.yaml", "psnr_log.csv", "reconstruction.mp4",
                  "previews/final/atlas_foreground.png", "previews/final/checkerboard_00000.png",
-                 "previews/final/reconstruction_00000.png", "previews/iter_000200/atlas_background.png"]:
+                 "previews/final/reconstruction_00000.png", "previews/final/error_x4_00000.png",
+                 "previews/iter_000200/atlas_background.png"]:
         assert (out / name).is_file(), name
     assert list(out.glob("flows_*.npz"))  # the flow cache
     nla = NLAModel.from_checkpoint(out / "checkpoint", 64, 48, 8)

@@ -60,6 +60,8 @@ RULES = {
     "grid_mapping_levels": dict(type="int", min=1, max=8),
     "grid_mapping_lr": dict(type="float", min=0.0, exclusive_min=True),
     "grid_mlp_lr": dict(type="float", min=0.0, exclusive_min=True),
+    "lr_decay": dict(type="float", min=0.0, max=1.0, exclusive_min=True),
+    "pretrain_motion": dict(type="str", choices=["flow", "translation", "off"]),
     "grid_alpha_layers": dict(type="int", min=2),
     "grid_alpha_width": dict(type="int", min=1),
     "derivative_amount": dict(type="int", min=1),
@@ -158,8 +160,8 @@ def _check_value(key, value, rule):
             raise wrong
         value = float(value)
     elif kind == "str":
-        if value is False and "off" in rule.get("choices", ()):
-            value = "off"  # YAML reads a bare `off` as false
+        if isinstance(value, bool) and "off" in rule.get("choices", ()):
+            value = rule["choices"][0] if value else "off"  # YAML reads a bare `off` as false; true: the first choice
         if not isinstance(value, str):
             raise wrong
     elif kind == "text":

@@ -4,6 +4,7 @@ No learned weights: DIS (Kroeger et al. 2016) runs on the CPU in milliseconds pe
 """
 
 import hashlib
+import tempfile
 from pathlib import Path
 
 import cv2
@@ -55,9 +56,9 @@ def video_flows(frames: torch.Tensor, cache_dir=None, progress: bool = True) -> 
         backward_ok.append(consistent(b, f))
     result = {"forward": np.stack(forward), "backward": np.stack(backward),
               "forward_ok": np.stack(forward_ok), "backward_ok": np.stack(backward_ok)}
-    if cache is not None:
+    if cache is not None:  # written under a unique name, then renamed: concurrent runs never clash
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(cache.name + ".part.npz")
-        np.savez_compressed(tmp, **result)
-        tmp.replace(cache)
+        with tempfile.NamedTemporaryFile(dir=cache.parent, prefix=cache.name, suffix=".part.npz", delete=False) as tmp:
+            np.savez_compressed(tmp, **result)
+        Path(tmp.name).replace(cache)
     return {k: torch.from_numpy(v) for k, v in result.items()}

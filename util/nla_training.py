@@ -75,9 +75,11 @@ def build_model(cfg: dict, data: VideoData) -> NLAModel:
 
 
 def nla_precision(cfg: dict, device) -> torch.dtype | None:
-    """mixed_precision: auto = bf16 on a CUDA GPU that supports it, float32 elsewhere."""
-    device = torch.device(device)
-    if cfg["mixed_precision"] == "auto" and device.type != "cuda":
+    """mixed_precision=auto: bf16 for the atlas and opacity networks where the hardware runs it
+    fast: a CUDA GPU, or a CPU with fast bf16 for the grid backend (same PSNR per step there,
+    steps 16-30% faster on a 2-core CPU; not measured for the official MLPs, which keep float32
+    on a CPU). float32 elsewhere."""
+    if cfg["mixed_precision"] == "auto" and torch.device(device).type == "cpu" and cfg["atlas_backend"] != "grid":
         return None
     return resolve_precision(cfg["mixed_precision"], device)
 
@@ -93,9 +95,39 @@ def make_optimizer(nla: NLAModel, cfg: dict, capturable: bool = False) -> torch.
                "grid_mapping_lr" if name.endswith(".offsets") or ".coarse." in name else "grid_mlp_lr")
         groups[key].append(param)
     # fused Adam updates the millions of grid texels ~6x faster on a CPU; the official MLPs keep
-    # PyTorch's default Adam, as the original code does
-    return torch.optim.Adam([{"params": params, "lr": cfg[key]} for key, params in groups.items() if params],
+    # PyTorch's default Adam, as the original code does. Each group keeps its configured rate as
+    # base_lr; set_learning_rates scales it. In a CUDA graph the rate must be a device tensor.
+    device = next(nla.parameters()).device
+    return torch.optim.Adam([{"params": params, "base_lr": cfg[key],
+                              "lr": torch.tensor(cfg[key], device=device) if capturable else cfg[key]}
+                             for key, params in groups.items() if params],
                             fused=grid_backend, capturable=capturable)
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, saved: dict):
+    """Restore Adam's moments and step counts from a checkpoint, keeping this run's settings
+    (rates, fused, capturable): a run saved on a CPU may resume as a CUDA graph, and the other way."""
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
+    opt.load_state_dict(saved)
+    for group, own in zip(opt.param_groups, settings):
+        group.update(own)
+        for param in group["params"]:
+            state = opt.state.get(param, {})
+            if "step" in state:  # where a fused or capturable Adam expects it
+                on_device = group["fused"] or group["capturable"]
+                state["step"] = state["step"].to(param.device if on_device else "cpu", torch.float32)
+
+
+def set_learning_rates(opt: torch.optim.Optimizer, cfg: dict, it: int):
+    """lr at step it: base_lr * lr_decay ** (it / iters_num), an exponential decay to lr_decay times
+    the configured rate at the end of the schedule. Tensor rates are updated in place, so a
+    captured CUDA graph sees them."""
+    factor = cfg["lr_decay"] ** (it / max(cfg["iters_num"], 1))
+    for group in opt.param_groups:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(group["base_lr"] * factor)
+        else:
+            group["lr"] = group["base_lr"] * factor
 
 
 def sample_pixels(n: int, data: VideoData, generator: torch.Generator):
@@ -136,21 +168,87 @@ def layer_motion(data: VideoData, foreground: bool):
     return position - position.mean(dim=0)
 
 
+def fill_holes(values, valid, fallback, sigmas=(8.0, 2.0)):
+    """values [C, H, W] where valid [H, W]; elsewhere the Gaussian-weighted mean of nearby valid
+    values (normalised convolution, coarse to fine, so small holes take their close neighbours'
+    values and large ones a smooth wide average), or `fallback` [C] where none is near."""
+    C, H, W = values.shape
+    weight = valid.float()[None, None]  # [1, 1, H, W]
+    masked = (values * weight).view(C, 1, H, W)
+    result = fallback.view(C, 1, 1).expand(C, H, W).clone()
+    for sigma in sigmas:
+        radius = int(3 * sigma)
+        kernel = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, device=values.device) / sigma) ** 2)
+        blur = lambda x: F.conv2d(F.conv2d(x, kernel.view(1, 1, 1, -1), padding=(0, radius)),  # noqa: E731
+                                  kernel.view(1, 1, -1, 1), padding=(radius, 0))
+        total = blur(weight)[0]  # [1, H, W]
+        supported = total > 0.05 * float(kernel.sum())  # some valid value within ~sigma
+        result = torch.where(supported, blur(masked)[:, 0] / total.clamp(min=1e-12), result)
+    return torch.where(valid, values, result)
+
+
+def propagated_displacements(data: VideoData, foreground: bool, cell: int, motion):
+    """Where each mapping vertex (every `cell` px) of every frame lies in the middle frame, as a
+    displacement [T, 2, Hg, Wg] in pixels, for one layer.
+
+    From the middle frame outwards, a vertex of frame t takes the displacement of the point its
+    checked flow (averaged over the vertex's cell) reaches in the frame before it (t+1 going
+    back in time, t-1 going forward), if both points are on this layer (by the masks); other
+    vertices are filled from valid neighbours (fill_holes), or follow the layer's translation
+    `motion` ([T, 2] px, see layer_motion). On the foreground the flow's median is replaced by
+    the mask's motion. A surface that turns into view (car-turn's car) is thus laid next to what is
+    already mapped: the unwrapping the mappings would otherwise learn one frame at a time."""
+    device, T, H, W = data.forward.device, data.T, data.H, data.W
+    grid_h, grid_w = math.ceil((H - 1) / cell) + 1, math.ceil((W - 1) / cell) + 1
+    ys, xs = torch.meshgrid(torch.arange(grid_h, device=device) * cell, torch.arange(grid_w, device=device) * cell,
+                            indexing="ij")
+    cy, cx = ys.clamp(max=H - 1), xs.clamp(max=W - 1)  # vertices past the frame's edge use the edge
+    on_layer = lambda t, y, x: ((data.masks[t, y, x] >= 0.5) == foreground) if data.masks is not None \
+        else torch.full_like(y, not foreground, dtype=torch.bool)  # noqa: E731
+    middle = T // 2
+    displacement = torch.zeros(T, 2, grid_h, grid_w, device=device)
+    steps = [(t, t + 1, data.forward[t], data.forward_ok[t]) for t in range(middle - 1, -1, -1)]
+    steps += [(t, t - 1, data.backward[t - 1], data.backward_ok[t - 1]) for t in range(middle + 1, T)]
+    pixel_y, pixel_x = torch.meshgrid(torch.arange(H, device=device), torch.arange(W, device=device), indexing="ij")
+    window = cell // 2 * 2 + 1
+    for t, before, flow, checked in steps:
+        # the flow at each vertex: the mean over the checked pixels of this layer in its cell
+        # (one pixel's DIS flow is noisy, and noise adds up along the propagation)
+        weight = (checked & on_layer(t, pixel_y, pixel_x)).float()[None, None]  # [1, 1, H, W]
+        pool = lambda x: F.avg_pool2d(x, window, stride=1, padding=window // 2,  # noqa: E731
+                                      count_include_pad=False)[0, :, cy, cx]
+        share = pool(weight)[0]  # [Hg, Wg]: how much of the cell has usable flow
+        f = pool(flow.permute(2, 0, 1)[None] * weight) / share.clamp(min=1e-6)  # [2, Hg, Wg]
+        if foreground and data.masks is not None and weight.sum() >= 16:
+            # an object's flow is trusted for how its parts move relative to each other, its mask
+            # for where it goes: inside a plain object DIS often reports the background's motion
+            step = (motion[before] - motion[t]).to(device) - flow[weight[0, 0] > 0].median(dim=0).values
+            f = f + step[:, None, None]
+        qx, qy = cx + f[0], cy + f[1]
+        inside = (qx >= 0) & (qx <= W - 1) & (qy >= 0) & (qy <= H - 1)
+        qxi, qyi = qx.round().long().clamp(0, W - 1), qy.round().long().clamp(0, H - 1)
+        ok = (share > 0.5) & inside & on_layer(t, cy, cx) & on_layer(before, qyi, qxi)
+        at = torch.stack([qx / ((grid_w - 1) * cell) * 2 - 1, qy / ((grid_h - 1) * cell) * 2 - 1], dim=-1)
+        there = F.grid_sample(displacement[before][None], at[None], align_corners=True,
+                              padding_mode="border")[0]  # [2, Hg, Wg]: the displacement where the flow lands
+        candidate = torch.stack([qx - cx, qy - cy]) + there
+        translation = (motion[middle] - motion[t]).to(device)  # the layer's own shift, where nothing is known
+        displacement[t] = fill_holes(candidate, ok, translation)
+    return displacement
+
+
 # the share of the atlas each layer may use, as ranges of its mapping output (x, y) (UV = 0.5 * m
 # + 0.5 foreground, 0.5 * m - 0.5 background; the grid atlas covers UV [-1, 1]^2): the
 # foreground keeps v > 0 and the background v < 0, and either may use the whole u range
 LAYER_RANGES = {"mapping_foreground": ((-3.0, 1.0), (-1.0, 1.0)), "mapping_background": ((-1.0, 3.0), (-1.0, 1.0))}
 
 
-def layer_placement(motion, scale: float, resx: int, resy: int, allowed, name: str = "layer"):
-    """The offset [2] (mapping units) that puts a layer's extent over the whole video, with each
-    frame at scale * p - motion[t] ([T, 2] mapping units), inside `allowed` ((x0, x1), (y0, y1)),
-    centred on 0 where it fits. A layer moving further than its share of the atlas is centred
-    in it, with a warning: its edges then meet the atlas border."""
-    half = max(resx, resy) / 2
-    frame_lo = torch.tensor([-scale, -scale])
-    frame_hi = torch.tensor([scale * (resx / half - 1), scale * (resy / half - 1)])
-    lo, hi = frame_lo - motion.max(dim=0).values.cpu(), frame_hi - motion.min(dim=0).values.cpu()
+def layer_placement(lo, hi, scale: float, half: float, allowed, name: str = "layer"):
+    """The offset [2] (mapping units) that moves a layer whose points span lo..hi ([2] each,
+    mapping units, over the whole video) inside `allowed` ((x0, x1), (y0, y1)), centred on 0
+    where it fits. A layer spanning more than its share of the atlas is centred in it, with a
+    warning: its edges then meet the atlas border."""
+    lo, hi = lo.cpu(), hi.cpu()
     offset = torch.zeros(2)
     for axis, (a0, a1) in enumerate(allowed):
         low, high = a0 - lo[axis], a1 - hi[axis]  # the offsets that keep the extent inside [a0, a1]
@@ -158,29 +256,50 @@ def layer_placement(motion, scale: float, resx: int, resy: int, allowed, name: s
             offset[axis] = min(max(-(lo[axis] + hi[axis]) / 2, low), high)
         else:
             offset[axis] = (a0 + a1 - lo[axis] - hi[axis]) / 2
-            warnings.warn(f"{name} moves {float((hi - lo)[axis] - (frame_hi - frame_lo)[axis]) * half / scale:.0f} px "
-                          f"along {'xy'[axis]}, more than its atlas holds at uv_mapping_scale={scale}; "
-                          "lower uv_mapping_scale to keep its edges sharp")
+            warnings.warn(f"{name} spans {float(hi[axis] - lo[axis]) * half / scale:.0f} px along {'xy'[axis]} "
+                          f"over the video, more than its atlas holds at uv_mapping_scale={scale} "
+                          f"({(a1 - a0) * half / scale:.0f} px); lower uv_mapping_scale to keep its edges sharp")
     return offset
 
 
 def pretrain_mappings(nla: NLAModel, data: VideoData, cfg: dict, generator, device):
-    """Make both mappings start as UV = uv_mapping_scale * (x, y) (normalised coordinates).
+    """Make both mappings start as UV = uv_mapping_scale * (x, y) (normalised coordinates), or,
+    for grid mappings, as that moved along with the video.
 
-    Official MLPs are fitted to that for pretrain_iter_number steps. Grid mappings are it
-    exactly; with pretrain_motion they start from (x, y) minus the layer's estimated
-    translation in each frame, so a camera pan is undone from the start instead of being
-    learned slowly (worth ~4.5 dB after 2 minutes on DAVIS blackswan, CPU), and the layer is
-    placed where its whole extent fits in the atlas (a long pan would otherwise run off it)."""
+    Official MLPs are fitted to the scaled identity for pretrain_iter_number steps. Grid
+    mappings are set exactly: pretrain_motion=flow starts each vertex where optical flow
+    propagated from the middle frame puts it (propagated_displacements), translation starts
+    each frame shifted by the layer's translation (a camera pan is then undone from the start:
+    ~4.5 dB after 2 minutes on DAVIS blackswan, CPU), off at the identity. Each layer is
+    placed where its whole extent over the video fits its share of the atlas (a long pan would
+    otherwise run off it)."""
     s, half = cfg["uv_mapping_scale"], max(data.W, data.H) / 2
     for name in ("mapping_foreground", "mapping_background"):
         net = getattr(nla, name)
-        if isinstance(net, GridMapping) and cfg["pretrain_motion"]:
-            motion = layer_motion(data, name == "mapping_foreground") / half * s  # [T, 2] mapping units
-            place = layer_placement(motion, s, data.W, data.H, LAYER_RANGES[name], name.split("_")[1])
-            with torch.no_grad():  # exact: a constant offset per frame
-                offsets = place.to(motion.device) - motion  # [T, 2]
-                net.offsets.copy_(offsets.t()[None, :, :, None, None].expand_as(net.offsets))
+        if not isinstance(net, GridMapping) or cfg["pretrain_motion"] == "off":
+            continue
+        foreground = name == "mapping_foreground"
+        motion = layer_motion(data, foreground)  # [T, 2] px
+        grid_h, grid_w = net.offsets.shape[-2:]
+        if cfg["pretrain_motion"] == "flow":
+            displacement = propagated_displacements(data, foreground, net.cell, motion)  # [T, 2, Hg, Wg] px
+        else:
+            displacement = -motion[:, :, None, None].expand(data.T, 2, grid_h, grid_w)
+        # the layer's extent: where its vertices (the foreground's: those on the object) map to
+        ys, xs = torch.meshgrid(torch.arange(grid_h, device=motion.device) * net.cell,
+                                torch.arange(grid_w, device=motion.device) * net.cell, indexing="ij")
+        cy, cx = ys.clamp(max=data.H - 1), xs.clamp(max=data.W - 1)
+        mapped = s * ((torch.stack([cx, cy]) + displacement) / half - 1)  # [T, 2, Hg, Wg] mapping units
+        points = mapped.permute(0, 2, 3, 1)  # [T, Hg, Wg, 2]
+        if foreground and data.masks is not None and (data.masks[:, cy, cx] >= 0.5).any():
+            points = points[data.masks[:, cy, cx] >= 0.5]
+        points = points.reshape(-1, 2)
+        place = layer_placement(points.amin(dim=0), points.amax(dim=0), s, half, LAYER_RANGES[name], name.split("_")[1])
+        with torch.no_grad():  # the offsets realise it exactly: mapping = s * p + offset
+            offsets = s * displacement / half + place.to(motion.device)[None, :, None, None]  # [T, 2, Hg, Wg]
+            net.offsets.copy_(offsets.transpose(0, 1)[None])
+            for coarse in net.coarse:
+                coarse.zero_()
     if not isinstance(nla.mapping_foreground, MLP):
         return
     params = list(nla.mapping_foreground.parameters()) + list(nla.mapping_background.parameters())
@@ -302,6 +421,9 @@ class TrainingStep:
         self.nla, self.data, self.cfg, self.opt, self.use_graph = nla, data, cfg, opt, use_graph
         self.graph = self.graph_phase = self.inputs = self.outputs = None
         self.warmed = 0
+        # warm-up and capture share one side stream: libraries create per-stream handles lazily,
+        # and that must happen before a capture, not inside it
+        self.stream = torch.cuda.Stream() if use_graph else None
 
     def phase(self, it: int):
         return (it < self.cfg["stop_global_rigidity"],
@@ -315,17 +437,17 @@ class TrainingStep:
         return terms, mse
 
     def __call__(self, it: int, sample):
+        set_learning_rates(self.opt, self.cfg, it)
         if not self.use_graph:
             return self.eager(it, sample)
         phase = self.phase(it)
         if phase != self.graph_phase:
             if self.warmed < self.WARMUP:
                 self.warmed += 1
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
+                self.stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(self.stream):
                     out = self.eager(it, sample)
-                torch.cuda.current_stream().wait_stream(side)
+                torch.cuda.current_stream().wait_stream(self.stream)
                 return out
             try:
                 self.capture(it, phase, sample)
@@ -344,7 +466,7 @@ class TrainingStep:
         self.opt.zero_grad(set_to_none=True)  # backward inside the capture allocates the gradients
         self.inputs = [s.clone() for s in sample]
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, stream=self.stream):
             total, terms, mse = step_losses(self.nla, self.data, self.cfg, it, self.inputs)
             total.backward()
             self.opt.step()
@@ -403,8 +525,8 @@ def flow_warp_error(video, data: VideoData) -> float:
 
 @torch.no_grad()
 def save_previews(nla: NLAModel, data: VideoData, folder: Path, cfg: dict, recon=None):
-    """Reconstruction vs input, both atlases (the part the video uses), and the checkerboard
-    mapped through them."""
+    """Reconstruction vs input, its error (|difference| x 4), both atlases (the part the video
+    uses), and the checkerboard mapped through them."""
     device = next(nla.parameters()).device
     folder.mkdir(parents=True, exist_ok=True)
     recon = reconstruct(nla) if recon is None else recon
@@ -412,6 +534,8 @@ def save_previews(nla: NLAModel, data: VideoData, folder: Path, cfg: dict, recon
     mid = data.T // 2
     for t in (0, mid):
         save_png(torch.cat([frames[t:t + 1], recon[t:t + 1]], dim=-1), folder / f"reconstruction_{t:05d}.png")
+        error = (recon[t:t + 1] - frames[t:t + 1]).abs().mean(dim=1, keepdim=True)  # [1, 1, H, W]
+        save_png((4 * error).clamp(0, 1).expand(-1, 3, -1, -1), folder / f"error_x4_{t:05d}.png")
     used = {"foreground": [], "background": []}  # UV corners each layer shows in each frame
     for t in range(data.T):
         maps = nla.render_frame(t, device=device)
@@ -440,7 +564,7 @@ def prepare_training(nla: NLAModel, data: VideoData, cfg: dict, device, generato
     use_graph = torch.device(device).type == "cuda" and cfg["cuda_graph"]
     opt = make_optimizer(nla, cfg, capturable=use_graph)
     if state and "optimizer_state_dict" in state:
-        opt.load_state_dict(state["optimizer_state_dict"])
+        load_optimizer_state(opt, state["optimizer_state_dict"])
     if not state:
         pretrain_mappings(nla, data, cfg, generator, device)
     return nla, opt, TrainingStep(nla, data, cfg, opt, use_graph)
