@@ -3,8 +3,10 @@
     python bench/bench_nla.py --video DIR [--masks DIR] --resx 432 --resy 240 --minutes 30 [key=value ...]
 
 Trains with the configured settings (configs/nla_config.yaml + overrides) until the budget is
-spent, then prints one JSON line: wall time, steps, reconstruction PSNR over all frames, and
-the flow warp error of a checkerboard edit mapped through the atlases to the frames.
+spent, then prints one JSON line: wall time, steps, reconstruction PSNR over all frames (and on
+and off the masks), and the flow warp error of a checkerboard edit mapped through the atlases
+to the frames, between consecutive frames and between frames 4 apart (drift), with the input
+video's own for scale.
 """
 
 import argparse
@@ -19,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from util.config import load_config  # noqa: E402
+from util.flow import video_flows  # noqa: E402
 from util.image_training import pick_device  # noqa: E402
 from util.nla_training import (VideoData, build_model, checkerboard_video, flow_warp_error,  # noqa: E402
                                prepare_training, psnr, reconstruct, sample_pixels, save_previews)
@@ -81,9 +84,16 @@ def main():
             "steps_per_second": round(steps_per_second, 1),
             "samples_batch": cfg["samples_batch"], "cuda_graph": step.use_graph,
             "psnr_db": round(psnr(recon, frames), 2),
-            "checkerboard_flow_warp_error": round(flow_warp_error(checkerboard_video(nla), data), 4),
-            "input_flow_warp_error": round(flow_warp_error(frames, data), 4),
         }
+        # consistency of an edit: between consecutive frames, and (drift) between frames 4 apart
+        checkers = checkerboard_video(nla)
+        result["checkerboard_flow_warp_error"] = round(flow_warp_error(checkers, data.forward, data.forward_ok), 4)
+        result["input_flow_warp_error"] = round(flow_warp_error(frames, data.forward, data.forward_ok), 4)
+        if data.T > 4:
+            far = video_flows(frames, cache_dir=args.work or tmp, gap=4)
+            result["checkerboard_flow_warp_error_4_apart"] = round(
+                flow_warp_error(checkers, far["forward"], far["forward_ok"]), 4)
+            result["input_flow_warp_error_4_apart"] = round(flow_warp_error(frames, far["forward"], far["forward_ok"]), 4)
         if data.masks is not None:  # where the error is: on the object or around it
             inside = (data.masks >= 0.5)[:, None].expand_as(frames)
             for name, where in (("psnr_object_db", inside), ("psnr_elsewhere_db", ~inside)):

@@ -72,3 +72,12 @@ def test_missing_example_suggests():
 def test_override_values_are_yaml():
     assert parse_overrides(["a=[x, y]", "b=1e-3", "c=true", "d=hello world"]) == \
         {"a": ["x", "y"], "b": 1e-3, "c": True, "d": "hello world"}
+
+
+def test_integer_lists():
+    assert load_config("nla", overrides=["flow_gaps=[4, 1, 2, 2]"])["flow_gaps"] == [1, 2, 4]
+    assert load_config("nla", overrides=["flow_gaps=1"])["flow_gaps"] == [1]
+    for arg, message in (("flow_gaps=[2, 4]", "must include 1"), ("flow_gaps=[1, 0]", "integers >= 1"),
+                         ("flow_gaps=[1, 2.5]", "a list of integers"), ("flow_gaps=[]", "a list of integers")):
+        with pytest.raises(ConfigError, match=message):
+            load_config("nla", overrides=[arg])

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import skimage.data
 import torch
 
@@ -43,3 +44,18 @@ def test_video_flows_shapes_and_cache(tmp_path):
     assert len(files) == 1
     again = video_flows(frames, cache_dir=tmp_path, progress=False)
     assert torch.equal(again["backward"], flows["backward"])
+
+
+def test_flow_between_frames_further_apart_is_cached_separately(tmp_path):
+    a, b = shifted_pair(2, 1)  # a -> b moves by (2, 1)
+    photo = np.asarray(skimage.data.astronaut())[100:260, 100:300]
+    c = np.ascontiguousarray(photo[11:131, 12:172])  # c -> a moves by (2, 1) too, so c -> b by (4, 2)
+    frames = torch.from_numpy(np.stack([c, a, b])).permute(0, 3, 1, 2).float() / 255
+    consecutive = video_flows(frames, cache_dir=tmp_path, progress=False)
+    two_apart = video_flows(frames, cache_dir=tmp_path, progress=False, gap=2)
+    assert consecutive["forward"].shape[0] == 2 and two_apart["forward"].shape == (1, 120, 160, 2)
+    inner = two_apart["forward"][0, 20:-20, 20:-20]
+    assert torch.allclose(inner.median(dim=0).values.median(dim=0).values, torch.tensor([4.0, 2.0]), atol=0.4)
+    assert len(list(tmp_path.glob("flows_*.npz"))) == 2  # one file per gap
+    with pytest.raises(ValueError, match="needs at least 4 frames"):
+        video_flows(frames, progress=False, gap=3)

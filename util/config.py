@@ -21,7 +21,7 @@ class ConfigError(ValueError):
 
 
 # ---- value rules --------------------------------------------------------------------------
-# type: bool | int | float | str | text (a string or list of strings) | any
+# type: bool | int | float | str | text (a string or list of strings) | ints (a list of integers) | any
 # Keys absent here take the type of their default; None defaults need an entry.
 PROB = dict(type="float", min=0.0, max=1.0)
 COVER = dict(type="float", min=0.01, max=1.0)
@@ -62,6 +62,7 @@ RULES = {
     "grid_mlp_lr": dict(type="float", min=0.0, exclusive_min=True),
     "lr_decay": dict(type="float", min=0.0, max=1.0, exclusive_min=True),
     "pretrain_motion": dict(type="str", choices=["flow", "translation", "off"]),
+    "flow_gaps": dict(type="ints", min=1, contains=1),
     "grid_alpha_layers": dict(type="int", min=2),
     "grid_alpha_width": dict(type="int", min=1),
     "derivative_amount": dict(type="int", min=1),
@@ -116,7 +117,7 @@ RULES = {
 }
 
 TYPE_NAMES = {"bool": "true/false", "int": "an integer", "float": "a number", "str": "a string",
-              "text": "a string or a list of strings", "any": "a value"}
+              "text": "a string or a list of strings", "ints": "a list of integers", "any": "a value"}
 
 
 def _rule_for(key, default):
@@ -171,6 +172,19 @@ def _check_value(key, value, rule):
             value = list(value)
         else:
             raise wrong
+    elif kind == "ints":
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = [value]  # key=4 on the command line
+        if not isinstance(value, (list, tuple)) or not value or \
+                not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise wrong
+        value = sorted(set(value))
+        if "contains" in rule and rule["contains"] not in value:
+            raise ConfigError(f"config key '{key}' must include {rule['contains']}; got {value}")
+        low = rule.get("min")
+        if low is not None and value[0] < low:
+            raise ConfigError(f"config key '{key}' must hold integers >= {low}; got {value}")
+        return value
     if "choices" in rule and value not in rule["choices"]:
         raise ConfigError(f"config key '{key}' must be one of {', '.join(rule['choices'])}; got {value!r}")
     if "pattern" in rule and not re.fullmatch(rule["pattern"], value):

@@ -31,25 +31,29 @@ def consistent(forward: np.ndarray, backward: np.ndarray, tolerance: float = 1.0
     return inside & (error <= tolerance + 0.05 * np.linalg.norm(forward, axis=-1))
 
 
-def video_flows(frames: torch.Tensor, cache_dir=None, progress: bool = True) -> dict:
-    """Forward (t -> t+1) and backward (t+1 -> t) flows of frames [T, 3, H, W] in [0, 1], with
-    consistency masks: dict of forward, backward [T-1, H, W, 2] and forward_ok, backward_ok
-    [T-1, H, W] tensors. With cache_dir the result is stored there and reused for the same frames.
-    """
+def video_flows(frames: torch.Tensor, cache_dir=None, progress: bool = True, gap: int = 1) -> dict:
+    """Forward (t -> t+gap) and backward (t+gap -> t) flows of frames [T, 3, H, W] in [0, 1], with
+    consistency masks: dict of forward, backward [T-gap, H, W, 2] and forward_ok, backward_ok
+    [T-gap, H, W] tensors. With cache_dir the result is stored there and reused for the same
+    frames (one file per gap: adding a gap never recomputes another)."""
     from tqdm import tqdm
 
     video = (frames.detach().cpu().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    if not 1 <= gap < len(video):
+        raise ValueError(f"flow gap {gap} needs at least {gap + 1} frames; the video has {len(video)}")
     cache = None
     if cache_dir is not None:
         digest = hashlib.sha256(video.tobytes()).hexdigest()[:16]
-        cache = Path(cache_dir) / f"flows_{video.shape[2]}x{video.shape[1]}_{digest}.npz"
+        suffix = "" if gap == 1 else f"_gap{gap}"
+        cache = Path(cache_dir) / f"flows_{video.shape[2]}x{video.shape[1]}_{digest}{suffix}.npz"
         if cache.is_file():
             data = np.load(cache)
             return {k: torch.from_numpy(data[k]) for k in data.files}
     forward, backward, forward_ok, backward_ok = [], [], [], []
-    for t in tqdm(range(len(video) - 1), desc="optical flow", disable=not progress):
-        f = dis_flow(video[t], video[t + 1])
-        b = dis_flow(video[t + 1], video[t])
+    desc = "optical flow" if gap == 1 else f"optical flow, frames {gap} apart"
+    for t in tqdm(range(len(video) - gap), desc=desc, disable=not progress):
+        f = dis_flow(video[t], video[t + gap])
+        b = dis_flow(video[t + gap], video[t])
         forward.append(f)
         backward.append(b)
         forward_ok.append(consistent(f, b))

@@ -41,11 +41,19 @@ class VideoData:
             self.masks = read_masks(masks_path, self.T, cfg["resx"], cfg["resy"])[:, 0].to(device)  # [T, H, W]
         else:
             warnings.warn("no masks given: training a background-only decomposition (opacity pushed to 0)")
-        flows = video_flows(frames, cache_dir=out_dir)
-        self.forward = flows["forward"].to(device)        # [T-1, H, W, 2] t -> t+1
-        self.backward = flows["backward"].to(device)      # [T-1, H, W, 2] t+1 -> t
-        self.forward_ok = flows["forward_ok"].to(device)  # [T-1, H, W]
-        self.backward_ok = flows["backward_ok"].to(device)
+        # checked flow between frames `gap` apart, for every gap of flow_gaps the video is long
+        # enough for, stacked as pairs: gap 1's T-1 pairs first, then gap 2's T-2, ...
+        gaps = [gap for gap in cfg["flow_gaps"] if gap < self.T]
+        fields = [video_flows(frames, cache_dir=out_dir, gap=gap) for gap in gaps]
+        self.gaps = torch.tensor(gaps, device=device)  # [G]
+        self.pair_start = torch.tensor([0] + [self.T - gap for gap in gaps[:-1]], device=device).cumsum(0)  # [G]
+        self.pair_forward = torch.cat([f["forward"] for f in fields]).to(device)  # [P, H, W, 2] t -> t+gap
+        self.pair_backward = torch.cat([f["backward"] for f in fields]).to(device)  # [P, H, W, 2] t+gap -> t
+        self.pair_forward_ok = torch.cat([f["forward_ok"] for f in fields]).to(device)  # [P, H, W]
+        self.pair_backward_ok = torch.cat([f["backward_ok"] for f in fields]).to(device)
+        # consecutive frames (views of the above, no copies)
+        self.forward, self.backward = self.pair_forward[:self.T - 1], self.pair_backward[:self.T - 1]  # [T-1, H, W, 2]
+        self.forward_ok, self.backward_ok = self.pair_forward_ok[:self.T - 1], self.pair_backward_ok[:self.T - 1]
 
 
 def build_model(cfg: dict, data: VideoData) -> NLAModel:
@@ -131,12 +139,14 @@ def set_learning_rates(opt: torch.optim.Optimizer, cfg: dict, it: int):
 
 
 def sample_pixels(n: int, data: VideoData, generator: torch.Generator):
-    """Random integer (t, y, x), leaving room for the right and lower neighbours. Drawn on the
+    """Random integer (t, y, x), leaving room for the right and lower neighbours, and the index
+    g into data.gaps of the flow gap each sample's flow partners are taken at. Drawn on the
     generator's device: a GPU run then never copies (and waits) per step."""
     t = torch.randint(0, data.T, (n,), generator=generator, device=generator.device)
     y = torch.randint(0, data.H - 1, (n,), generator=generator, device=generator.device)
     x = torch.randint(0, data.W - 1, (n,), generator=generator, device=generator.device)
-    return t, y, x
+    g = torch.randint(0, len(data.gaps), (n,), generator=generator, device=generator.device)
+    return t, y, x, g
 
 
 def layer_motion(data: VideoData, foreground: bool):
@@ -305,7 +315,7 @@ def pretrain_mappings(nla: NLAModel, data: VideoData, cfg: dict, generator, devi
     params = list(nla.mapping_foreground.parameters()) + list(nla.mapping_background.parameters())
     opt = torch.optim.Adam(params, lr=cfg["lr"])
     for _ in tqdm(range(cfg["pretrain_iter_number"]), desc="pretraining mappings"):
-        t, y, x = sample_pixels(cfg["samples_batch"], data, generator)
+        t, y, x, _ = sample_pixels(cfg["samples_batch"], data, generator)
         p = nla.normalize(x.float(), y.float(), t.float())
         target = s * p[:, :2]
         loss = F.mse_loss(nla.mapping_foreground(p), target) + F.mse_loss(nla.mapping_background(p), target)
@@ -315,14 +325,14 @@ def pretrain_mappings(nla: NLAModel, data: VideoData, cfg: dict, generator, devi
 
 
 def step_losses(nla: NLAModel, data: VideoData, cfg: dict, it: int, sample):
-    """All weighted losses of one step at the sampled pixels `sample` = (t, y, x) (from
+    """All weighted losses of one step at the sampled pixels `sample` = (t, y, x, g) (from
     sample_pixels): (total, {name: detached tensor}, batch reconstruction mse per channel,
     detached). Nothing here waits for the device or depends on tensor values for shapes, so a
     CUDA graph can capture it (TrainingStep).
 
     Each network runs once per step, on every point it is needed at, so a step is a few large
     kernels rather than many small ones."""
-    t, y, x = sample
+    t, y, x, g = sample
     n, T, device = t.shape[0], data.T, t.device
     tf, yf, xf = t.float(), y.float(), x.float()
     half = max(data.W, data.H) / 2
@@ -330,19 +340,22 @@ def step_losses(nla: NLAModel, data: VideoData, cfg: dict, it: int, sample):
     d = cfg["derivative_amount"]
     global_rigidity = it < cfg["stop_global_rigidity"]
 
-    # checked optical flow to frame t+1 and to frame t-1. A point without one keeps weight 0
+    # checked optical flow to frame t+gap and to frame t-gap. A point without one keeps weight 0
     # rather than being indexed out: no data-dependent shapes, so a GPU never waits here.
-    ahead, behind = t.clamp(max=T - 2), (t - 1).clamp(min=0)  # indices into the T-1 flow fields
-    flow = torch.cat([data.forward[ahead, y, x], data.backward[behind, y, x]])  # [2n, 2]
-    checked = torch.cat([(t < T - 1) & data.forward_ok[ahead, y, x],
-                         (t > 0) & data.backward_ok[behind, y, x]])[:, None].float()  # [2n, 1]
+    gap, start = data.gaps[g], data.pair_start[g]  # [n] each
+    ahead = start + torch.minimum(t, T - 1 - gap)  # rows of the flow pairs (t, t+gap)
+    behind = start + (t - gap).clamp(min=0)  # and (t-gap, t)
+    flow = torch.cat([data.pair_forward[ahead, y, x], data.pair_backward[behind, y, x]])  # [2n, 2]
+    checked = torch.cat([(t + gap < T) & data.pair_forward_ok[ahead, y, x],
+                         (t >= gap) & data.pair_backward_ok[behind, y, x]])[:, None].float()  # [2n, 1]
+    tg = gap.float()
 
     # the points, in blocks of n: the sample; its right and lower neighbours (gradient loss,
-    # rigidity); its flow partners in frames t+1 and t-1; the neighbours derivative_amount away
+    # rigidity); its flow partners in frames t+gap and t-gap; the neighbours derivative_amount away
     # (if not 1 px); and, until stop_global_rigidity, the far neighbours of each layer
     xs = [xf, xf + 1, xf, xf + flow[:n, 0], xf + flow[n:, 0]]
     ys = [yf, yf, yf + 1, yf + flow[:n, 1], yf + flow[n:, 1]]
-    ts = [tf, tf, tf, tf + 1, tf - 1]
+    ts = [tf, tf, tf, tf + tg, tf - tg]
     if d != 1:
         xs, ys, ts = xs + [xf + d, xf], ys + [yf, yf + d], ts + [tf, tf]
     local = n if d == 1 else 5 * n  # first row of the local rigidity neighbours
@@ -508,17 +521,19 @@ def checkerboard_video(nla: NLAModel, chunk: int = 65536):
     return torch.stack(frames).permute(0, 3, 1, 2)
 
 
-def flow_warp_error(video, data: VideoData) -> float:
-    """Mean |video[t+1] warped back by the flow - video[t]| on flow-consistent pixels."""
+def flow_warp_error(video, forward, forward_ok) -> float:
+    """Mean |video[t+gap] warped back by the flow - video[t]| on flow-consistent pixels, for the
+    flows forward [T-gap, H, W, 2] (t -> t+gap) and their checks forward_ok [T-gap, H, W]."""
     T, _, H, W = video.shape
+    gap = T - forward.shape[0]
     ys, xs = torch.meshgrid(torch.arange(H, device=video.device), torch.arange(W, device=video.device), indexing="ij")
     errors = []
-    for t in range(T - 1):
-        f = data.forward[t].to(video.device)
+    for t in range(T - gap):
+        f = forward[t].to(video.device)
         gx = (xs + f[..., 0]) / (W - 1) * 2 - 1
         gy = (ys + f[..., 1]) / (H - 1) * 2 - 1
-        warped = F.grid_sample(video[t + 1:t + 2], torch.stack([gx, gy], -1)[None].float(), align_corners=True)
-        ok = data.forward_ok[t].to(video.device)
+        warped = F.grid_sample(video[t + gap:t + gap + 1], torch.stack([gx, gy], -1)[None].float(), align_corners=True)
+        ok = forward_ok[t].to(video.device)
         errors.append((warped[0] - video[t]).abs().mean(dim=0)[ok])
     return float(torch.cat(errors).mean())
 
