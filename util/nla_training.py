@@ -197,6 +197,15 @@ def fill_holes(values, valid, fallback, sigmas=(8.0, 2.0)):
     return torch.where(valid, values, result)
 
 
+def vertex_pixels(data: VideoData, cell: int):
+    """Pixel (y, x) of every grid-mapping vertex (every `cell` px), [Hg, Wg] each; vertices past
+    the frame's edge use the edge."""
+    grid_h, grid_w = math.ceil((data.H - 1) / cell) + 1, math.ceil((data.W - 1) / cell) + 1
+    ys, xs = torch.meshgrid(torch.arange(grid_h, device=data.frames.device) * cell,
+                            torch.arange(grid_w, device=data.frames.device) * cell, indexing="ij")
+    return ys.clamp(max=data.H - 1), xs.clamp(max=data.W - 1)
+
+
 def propagated_displacements(data: VideoData, foreground: bool, cell: int, motion):
     """Where each mapping vertex (every `cell` px) of every frame lies in the middle frame, as a
     displacement [T, 2, Hg, Wg] in pixels, for one layer.
@@ -209,10 +218,8 @@ def propagated_displacements(data: VideoData, foreground: bool, cell: int, motio
     the mask's motion. A surface that turns into view (car-turn's car) is thus laid next to what is
     already mapped: the unwrapping the mappings would otherwise learn one frame at a time."""
     device, T, H, W = data.forward.device, data.T, data.H, data.W
-    grid_h, grid_w = math.ceil((H - 1) / cell) + 1, math.ceil((W - 1) / cell) + 1
-    ys, xs = torch.meshgrid(torch.arange(grid_h, device=device) * cell, torch.arange(grid_w, device=device) * cell,
-                            indexing="ij")
-    cy, cx = ys.clamp(max=H - 1), xs.clamp(max=W - 1)  # vertices past the frame's edge use the edge
+    cy, cx = vertex_pixels(data, cell)  # [Hg, Wg] each
+    grid_h, grid_w = cy.shape
     on_layer = lambda t, y, x: ((data.masks[t, y, x] >= 0.5) == foreground) if data.masks is not None \
         else torch.full_like(y, not foreground, dtype=torch.bool)  # noqa: E731
     middle = T // 2
@@ -221,12 +228,12 @@ def propagated_displacements(data: VideoData, foreground: bool, cell: int, motio
     steps += [(t, t - 1, data.backward[t - 1], data.backward_ok[t - 1]) for t in range(middle + 1, T)]
     pixel_y, pixel_x = torch.meshgrid(torch.arange(H, device=device), torch.arange(W, device=device), indexing="ij")
     window = cell // 2 * 2 + 1
+    pool = lambda x: F.avg_pool2d(x, window, stride=1, padding=window // 2,  # noqa: E731
+                                  count_include_pad=False)[0, :, cy, cx]  # [1, C, H, W] -> [C, Hg, Wg]
     for t, before, flow, checked in steps:
         # the flow at each vertex: the mean over the checked pixels of this layer in its cell
         # (one pixel's DIS flow is noisy, and noise adds up along the propagation)
         weight = (checked & on_layer(t, pixel_y, pixel_x)).float()[None, None]  # [1, 1, H, W]
-        pool = lambda x: F.avg_pool2d(x, window, stride=1, padding=window // 2,  # noqa: E731
-                                      count_include_pad=False)[0, :, cy, cx]
         share = pool(weight)[0]  # [Hg, Wg]: how much of the cell has usable flow
         f = pool(flow.permute(2, 0, 1)[None] * weight) / share.clamp(min=1e-6)  # [2, Hg, Wg]
         if foreground and data.masks is not None and weight.sum() >= 16:
@@ -296,9 +303,7 @@ def pretrain_mappings(nla: NLAModel, data: VideoData, cfg: dict, generator, devi
         else:
             displacement = -motion[:, :, None, None].expand(data.T, 2, grid_h, grid_w)
         # the layer's extent: where its vertices (the foreground's: those on the object) map to
-        ys, xs = torch.meshgrid(torch.arange(grid_h, device=motion.device) * net.cell,
-                                torch.arange(grid_w, device=motion.device) * net.cell, indexing="ij")
-        cy, cx = ys.clamp(max=data.H - 1), xs.clamp(max=data.W - 1)
+        cy, cx = vertex_pixels(data, net.cell)  # [Hg, Wg] each, as net.offsets' last two dims
         mapped = s * ((torch.stack([cx, cy]) + displacement) / half - 1)  # [T, 2, Hg, Wg] mapping units
         points = mapped.permute(0, 2, 3, 1)  # [T, Hg, Wg, 2]
         if foreground and data.masks is not None and (data.masks[:, cy, cx] >= 0.5).any():
