@@ -149,6 +149,12 @@ class GridAtlas(nn.Module):
         return torch.tanh(self.net(self.encode(uv)))
 
 
+def vertex_count(pixels: int, cell: int) -> int:
+    """Vertices of a grid mapping along a frame side of `pixels`, one every `cell` pixels from
+    pixel 0, the last at or past the side's last pixel."""
+    return math.ceil((pixels - 1) / cell) + 1
+
+
 class GridMapping(nn.Module):
     """A mapping (x, y, t) -> UV as the scaled identity plus a learned offset field (`grid` backend).
 
@@ -166,7 +172,7 @@ class GridMapping(nn.Module):
         super().__init__()
         self.resx, self.resy, self.n_frames, self.cell, self.scale = resx, resy, n_frames, cell, scale
         self.cells = [cell * 2 ** level for level in range(levels)]  # finest first
-        shapes = [(math.ceil((resy - 1) / c) + 1, math.ceil((resx - 1) / c) + 1) for c in self.cells]
+        shapes = [(vertex_count(resy, c), vertex_count(resx, c)) for c in self.cells]
         self.offsets = nn.Parameter(torch.zeros(1, 2, n_frames, *shapes[0]))  # the finest level
         self.coarse = nn.ParameterList([nn.Parameter(torch.zeros(1, 2, n_frames, *shape)) for shape in shapes[1:]])
         self.config = dict(resx=resx, resy=resy, n_frames=n_frames, cell=cell, scale=scale, levels=levels)

@@ -238,6 +238,8 @@ def test_step_losses_match_the_losses_evaluated_block_by_block(backend, syntheti
         for param in nla.parameters():
             param.add_(0.05 * torch.randn_like(param))
     n, half, s = 300, 32.0, cfg["uv_mapping_scale"]
+    fields = {k: video_flows(data.frames.permute(0, 3, 1, 2), cache_dir=tmp_path, gap=k, progress=False)
+              for k in (1, 2)}
     for it in (0, cfg["stop_global_rigidity"]):
         t, y, x, g = sample_pixels(n, data, torch.Generator().manual_seed(7))
         _, terms, _ = step_losses(nla, data, cfg, it, (t, y, x, g))
@@ -259,8 +261,6 @@ def test_step_losses_match_the_losses_evaluated_block_by_block(backend, syntheti
                                                    amount / half, s)
                 assert torch.allclose(terms[f"global_rigidity_{key[3:]}"], expected, rtol=1e-4)
         flow_sum = alpha_sum = checked_sum = 0
-        fields = {k: video_flows(data.frames.permute(0, 3, 1, 2), cache_dir=tmp_path, gap=k, progress=False)
-                  for k in (1, 2)}
 
         def lookup(name, first):  # each sample's value in its own gap's field, at pair (first, first+gap)
             out = [fields[k][name][first.clamp(0, data.T - 1 - k), y, x] for k in (1, 2)]

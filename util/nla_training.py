@@ -19,7 +19,7 @@ import yaml
 from tqdm import tqdm
 
 from datasets.video_frames import read_frames, read_masks, write_video
-from models.nla import MLP, GridAtlas, GridMapping, NLAModel
+from models.nla import MLP, GridAtlas, GridMapping, NLAModel, vertex_count
 from util import nla_losses as L
 from util.atlas import bounding_box
 from util.config import ConfigError, public
@@ -200,7 +200,7 @@ def fill_holes(values, valid, fallback, sigmas=(8.0, 2.0)):
 def vertex_pixels(data: VideoData, cell: int):
     """Pixel (y, x) of every grid-mapping vertex (every `cell` px), [Hg, Wg] each; vertices past
     the frame's edge use the edge."""
-    grid_h, grid_w = math.ceil((data.H - 1) / cell) + 1, math.ceil((data.W - 1) / cell) + 1
+    grid_h, grid_w = vertex_count(data.H, cell), vertex_count(data.W, cell)
     ys, xs = torch.meshgrid(torch.arange(grid_h, device=data.frames.device) * cell,
                             torch.arange(grid_w, device=data.frames.device) * cell, indexing="ij")
     return ys.clamp(max=data.H - 1), xs.clamp(max=data.W - 1)
