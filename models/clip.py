@@ -4,7 +4,7 @@ Parameter names and shapes follow OpenAI's released checkpoints, so their files 
 unchanged; the architecture is read off the tensor shapes (ViT-B/32, ViT-B/16, ViT-L/14).
 Beyond the usual embeddings, the image tower can return what Text2LIVE needs, all
 differentiable w.r.t. the input image:
-  - the patch tokens of the deepest block (structure loss, self-similarity),
+  - the tokens entering the last block, CLS included (structure loss, self-similarity),
   - per-block attention probabilities that keep their graph (relevancy maps),
   - any input size and aspect ratio, by bicubic interpolation of the position embeddings.
 """
@@ -114,10 +114,11 @@ class Transformer(nn.Module):
         self.width = width
         self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads) for _ in range(layers)])
 
-    def forward(self, x, causal: bool = False, keep_probs_from: int | None = None):
-        """x: [B, N, W]. Attention probabilities are kept for blocks index >= keep_probs_from."""
+    def forward(self, x, causal: bool = False, keep_probs_from: int | None = None, n_blocks: int | None = None):
+        """x: [B, N, W]. Attention probabilities are kept for blocks index >= keep_probs_from.
+        n_blocks: run only the first n_blocks blocks (default: all)."""
         all_probs = []
-        for i, block in enumerate(self.resblocks):
+        for i, block in enumerate(self.resblocks[:n_blocks]):
             keep = keep_probs_from is not None and i >= keep_probs_from
             x, probs = block(x, causal=causal, keep_probs=keep)
             if keep:
@@ -131,8 +132,8 @@ class Transformer(nn.Module):
 
 @dataclass
 class ImageFeatures:
-    embedding: torch.Tensor  # [B, E] projected CLS embedding (not normalised)
-    tokens: torch.Tensor | None = None  # [B, gh*gw, W] patch tokens of the deepest block
+    embedding: torch.Tensor | None = None  # [B, E] projected CLS embedding (not normalised)
+    tokens: torch.Tensor | None = None  # [B, 1+gh*gw, W] tokens entering the last block, CLS first
     grid: tuple[int, int] | None = None  # (gh, gw) patch grid of the tokens
     attentions: list | None = None  # per kept block: [B, heads, 1+gh*gw, 1+gh*gw]
 
@@ -152,6 +153,9 @@ class VisionTransformer(nn.Module):
         self.transformer = Transformer(width, layers, heads)
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
+        # True reproduces the official Text2LIVE interpolation, which swaps the grid's height and
+        # width for non-square inputs (config clip_pos_embed_official); False is the correct one.
+        self.official_pos_embed = False
 
     def position_embedding_for(self, gh: int, gw: int):
         """Position embeddings for a gh x gw patch grid: [1 + gh*gw, W].
@@ -164,24 +168,48 @@ class VisionTransformer(nn.Module):
         if (gh, gw) == (g, g):
             return pos
         cls_pos, patch_pos = pos[:1], pos[1:]
+        if self.official_pos_embed:
+            return torch.cat([cls_pos, self._swapped_patch_positions(patch_pos, g, gh, gw)], dim=0)
         patch_pos = patch_pos.reshape(1, g, g, -1).permute(0, 3, 1, 2)  # [1, W, g, g]
         patch_pos = F.interpolate(patch_pos.float(), size=(gh, gw), mode="bicubic", align_corners=False)
         patch_pos = patch_pos.to(pos.dtype).permute(0, 2, 3, 1).reshape(gh * gw, -1)
         return torch.cat([cls_pos, patch_pos], dim=0)
 
-    def forward(self, x, return_tokens: bool = False, keep_probs_from: int | None = None) -> ImageFeatures:
-        """x: normalised images [B, 3, H, W], any H, W >= patch size."""
+    @staticmethod
+    def _swapped_patch_positions(patch_pos, g: int, gh: int, gw: int):
+        """The official code's interpolation: the g x g grid is resized by scale factors
+        ((gw + 0.1) / g, (gh + 0.1) / g) to gw rows and gh columns, then read row by row as if it
+        were gh rows of gw tokens. [g*g, W] -> [gh*gw, W]."""
+        grid = patch_pos.reshape(1, g, g, -1).permute(0, 3, 1, 2).float()  # [1, W, g, g]
+        grid = F.interpolate(grid, scale_factor=((gw + 0.1) / g, (gh + 0.1) / g), mode="bicubic",
+                             align_corners=False)  # [1, W, gw, gh]
+        return grid.to(patch_pos.dtype).permute(0, 2, 3, 1).reshape(gh * gw, -1)
+
+    def forward(self, x, return_tokens: bool = False, keep_probs_from: int | None = None,
+                tokens_only: bool = False) -> ImageFeatures:
+        """x: normalised images [B, 3, H, W], any H, W >= patch size.
+
+        return_tokens: also return the tokens entering the last block (the structure loss's
+        tokens, CLS included); tokens_only: return just those, without running the last block."""
         x = self.conv1(x.to(self.conv1.weight.dtype))  # [B, W, gh, gw]
         B, W, gh, gw = x.shape
         x = x.flatten(2).transpose(1, 2)  # [B, gh*gw, W]
         cls = self.class_embedding.to(x.dtype).expand(B, 1, W)
         x = torch.cat([cls, x], dim=1) + self.position_embedding_for(gh, gw).to(x.dtype)
         x = self.ln_pre(x)
-        x, probs = self.transformer(x, keep_probs_from=keep_probs_from)  # [B, 1+gh*gw, W]
+        last = len(self.transformer.resblocks) - 1
+        x, probs = self.transformer(x, keep_probs_from=keep_probs_from, n_blocks=last)  # [B, 1+gh*gw, W]
+        tokens = x if return_tokens or tokens_only else None
+        if tokens_only:
+            return ImageFeatures(tokens=tokens, grid=(gh, gw))
+        x, last_probs = self.transformer.resblocks[last](x, keep_probs=keep_probs_from is not None
+                                                         and last >= keep_probs_from)
+        if last_probs is not None:
+            probs.append(last_probs)
         embedding = self.ln_post(x[:, 0]) @ self.proj  # [B, E]
         return ImageFeatures(
             embedding=embedding,
-            tokens=x[:, 1:] if return_tokens else None,
+            tokens=tokens,
             grid=(gh, gw),
             attentions=probs if keep_probs_from is not None else None,
         )
@@ -239,10 +267,10 @@ class CLIP(nn.Module):
         std = torch.tensor(CLIP_STD, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
         return (images - mean) / std
 
-    def image_features(self, images, return_tokens=False, keep_probs_from=None) -> ImageFeatures:
+    def image_features(self, images, return_tokens=False, keep_probs_from=None, tokens_only=False) -> ImageFeatures:
         """images: pixel values in [0, 1], [B, 3, H, W]."""
         return self.visual(self.normalize(images), return_tokens=return_tokens,
-                           keep_probs_from=keep_probs_from)
+                           keep_probs_from=keep_probs_from, tokens_only=tokens_only)
 
     def encode_image(self, images):
         """images: pixel values in [0, 1], [B, 3, H, W] -> [B, E]."""

@@ -72,7 +72,7 @@ def test_224_input_is_exactly_the_original_and_other_sizes_work(tiny_clip):
         feats = tiny_clip.image_features(torch.rand(1, 3, *size), return_tokens=True)
         assert feats.embedding.shape == (1, 64)
         assert feats.grid == (size[0] // 32, size[1] // 32)
-        assert feats.tokens.shape == (1, feats.grid[0] * feats.grid[1], 128)
+        assert feats.tokens.shape == (1, 1 + feats.grid[0] * feats.grid[1], 128)  # CLS first
 
 
 def test_image_features_are_differentiable_wrt_the_image_only(tiny_clip):
