@@ -1,18 +1,18 @@
 """The internal dataset: random augmentations of the one input image, and random texts.
 
-Each sample: colour jitter (p jitter_p; brightness, contrast, saturation, hue 0.1),
-horizontal flip (p flip_p), an aspect-preserving scale in [scale_min, scale_max] and a
-random crop covering at least crops_min_cover of each side of the scaled image. Every
-source_image_every steps the un-augmented source joins the batch.
+Each sample, as the official SingleImageDataset makes it from the 8-bit image: colour jitter
+(p jitter_p; brightness, contrast, saturation, hue 0.1), horizontal flip (p flip_p), a scale
+s ~ U(scale_min, scale_max) to int(s H) x int(s W) (bilinear), a random crop of int(c h) x
+int(c w) with one c ~ U(crops_min_cover, 1) for both sides, and a centre crop to sides divisible
+by d_divisible_crops. Every source_image_every steps the un-augmented source joins the batch.
 """
 
-import math
 import random
 
 import torch
-import torch.nn.functional as F
 
 from util.clip_views import colour_augment, ViewParams
+from util.image_io import quantize_8bit, resize_8bit
 
 TEXT_TEMPLATES = [
     "photo of {}.", "high quality photo of {}.", "a photo of {}.", "the photo of {}.",
@@ -22,17 +22,34 @@ TEXT_TEMPLATES = [
 SCREEN_TEMPLATES = ["{} over a green screen.", "{} in front of a green screen."]
 
 
-def random_crop_box(H: int, W: int, min_cover: float, rng: random.Random, divisible: int = 1):
-    """(top, left, h, w) of a random crop covering at least min_cover of each side."""
-    h = rng.randint(max(1, math.ceil(min_cover * H)), H)
-    w = rng.randint(max(1, math.ceil(min_cover * W)), W)
-    if divisible > 1:
-        h = max(divisible, h // divisible * divisible) if H >= divisible else h
-        w = max(divisible, w // divisible * divisible) if W >= divisible else w
-        h, w = min(h, H), min(w, W)
-    top = rng.randint(0, H - h)
-    left = rng.randint(0, W - w)
-    return top, left, h, w
+def random_size_crop(H: int, W: int, min_cover: float, rng: random.Random):
+    """(top, left, h, w) of a random crop: h = int(c H), w = int(c W), one c ~ U(min_cover, 1),
+    placed uniformly (the official RandomSizeCrop; min_cover 1 keeps the whole image)."""
+    if min_cover >= 1:
+        return 0, 0, H, W
+    c = rng.uniform(min_cover, 1)
+    h, w = max(1, int(H * c)), max(1, int(W * c))
+    return rng.randint(0, H - h), rng.randint(0, W - w), h, w
+
+
+def divisible_crop(x: torch.Tensor, d: int) -> torch.Tensor:
+    """Centre crop of [B, C, H, W] to sides divisible by d (d 1: unchanged)."""
+    H, W = x.shape[-2:]
+    h, w = H - H % d, W - W % d
+    if (h, w) == (H, W) or h == 0 or w == 0:
+        return x
+    top, left = (H - h) // 2, (W - w) // 2
+    return x[..., top:top + h, left:left + w]
+
+
+def colour_jitter(x: torch.Tensor, rng: random.Random) -> torch.Tensor:
+    """One random colour jitter (brightness, contrast, saturation, hue 0.1) of [B, 3, H, W]."""
+    factors = torch.tensor([[rng.uniform(0.9, 1.1), rng.uniform(0.9, 1.1),
+                             rng.uniform(0.9, 1.1), rng.uniform(-0.1, 0.1)]]).expand(x.shape[0], 4)
+    B = x.shape[0]
+    params = ViewParams(homography=torch.eye(3).expand(B, 3, 3), jitter=factors,
+                        do_jitter=torch.ones(B, dtype=torch.bool), gray=torch.zeros(B, dtype=torch.bool))
+    return colour_augment(x, params)
 
 
 class ImageDataset:
@@ -47,33 +64,19 @@ class ImageDataset:
         cfg = self.cfg
         x = self.image
         if rng.random() < cfg["jitter_p"]:
-            factors = torch.tensor([[rng.uniform(0.9, 1.1), rng.uniform(0.9, 1.1),
-                                     rng.uniform(0.9, 1.1), rng.uniform(-0.1, 0.1)]])
-            params = ViewParams(homography=torch.eye(3)[None], jitter=factors,
-                                do_jitter=torch.tensor([True]), gray=torch.tensor([False]))
-            x = colour_augment(x, params)
+            x = quantize_8bit(colour_jitter(x, rng))
         if rng.random() < cfg["flip_p"]:
             x = x.flip(-1)
         scale = rng.uniform(cfg["scale_min"], cfg["scale_max"])
         H, W = x.shape[-2:]
-        size = (max(1, round(H * scale)), max(1, round(W * scale)))
-        if size != (H, W):
-            x = F.interpolate(x, size=size, mode="bicubic", align_corners=False,
-                              antialias=scale < 1).clamp(0, 1)
-        top, left, h, w = random_crop_box(size[0], size[1], cfg["crops_min_cover"], rng, self.divisible)
-        return x[:, :, top:top + h, left:left + w].contiguous()
+        x = resize_8bit(x, (max(1, int(H * scale)), max(1, int(W * scale))))
+        top, left, h, w = random_size_crop(x.shape[-2], x.shape[-1], cfg["crops_min_cover"], rng)
+        return divisible_crop(x[:, :, top:top + h, left:left + w], self.divisible).contiguous()
 
     def sample(self, step: int, rng: random.Random) -> list:
         """The training inputs of one step: a list of [1, 3, h, w] tensors."""
         batch = [self.augment(rng)]
         every = self.cfg["source_image_every"]
         if every > 0 and step % every == 0:
-            batch.append(self.image)
+            batch.append(divisible_crop(self.image, self.divisible))
         return batch
-
-
-def pick_texts(rng: random.Random, n_texts: int, n_templates: int, count: int):
-    """Random (text index, template index) pairs for `count` uses: two LongTensors [count]."""
-    texts = torch.tensor([rng.randrange(n_texts) for _ in range(count)])
-    templates = torch.tensor([rng.randrange(n_templates) for _ in range(count)])
-    return texts, templates

@@ -44,7 +44,8 @@ def test_twenty_steps_write_every_output_and_the_loss_goes_down(tiny_overrides):
     assert [int(r["step"]) for r in rows] == list(range(1, 21))
     for term in ["comp_text", "comp_dir", "screen", "structure", "sparsity"]:
         assert all(r[term] != "" for r in rows)
-    assert all(r["bootstrap"] != "" for r in rows[:10]) and all(r["bootstrap"] == "" for r in rows[10:])
+    # linear schedule (official): lambda_t = 10 * (1 - (t + 1) / 10) reaches 0 at the 10th step
+    assert all(r["bootstrap"] != "" for r in rows[:9]) and all(r["bootstrap"] == "" for r in rows[9:])
     totals = [float(r["total"]) for r in rows]
     assert np.mean(totals[-5:]) < np.mean(totals[:5])
     saved = (run_dir / "config.yaml").read_text()

@@ -1,11 +1,15 @@
-"""All of Text2LIVE's CLIP losses for one training input, computed with few CLIP passes.
+"""All of Text2LIVE's CLIP losses for one training input, as the official code defines them.
 
-Per input image, one warp makes the same n_aug views of the composite, the green-screen
-composite and the input; the CLIP image tower then runs twice:
-  - with grad:    composite views + green views + the composite for the structure loss,
-  - without grad: input views (directional loss) + the input for the structure loss.
-The composite's views serve both the text loss and the directional loss. Text embeddings
-are computed once, for every text x template, when the loss is built.
+Per input image (an augmented crop, or the whole image), with n_aug CLIP views each:
+  - composition: text loss of the composite's views against "<comp_text>" in random templates,
+    and the directional loss (composite views - input views vs. comp_text - src_text);
+  - green screen: text loss of the edit-over-green's views against "<screen_text> over a green screen";
+  - structure: MSE between the self-similarity matrices of the tokens entering CLIP's last
+    block (CLS included) for the composite and the input, each resized to short side 224;
+  - sparsity of alpha, and early on the relevancy bootstrap of alpha.
+The composite, the green-screen image and the input each get their own random views (or one
+shared set with shared_clip_views); the views needing gradients go through CLIP in one batch.
+Text embeddings are computed once, for every text x template, when the loss is built.
 """
 
 import random
@@ -13,13 +17,13 @@ import random
 import torch
 import torch.nn.functional as F
 
-from datasets.image_dataset import SCREEN_TEMPLATES, TEXT_TEMPLATES, random_crop_box
+from datasets.image_dataset import SCREEN_TEMPLATES, TEXT_TEMPLATES, random_size_crop
 from models.tokenizer import tokenize
 from util import losses
-from util.clip_views import make_views, sample_view_params, view_size
+from util.clip_views import STRUCTURE_LONG_MAX, make_views, resize_to, sample_view_params, view_size
 from util.config import as_list
 from util.precision import autocast, resolve_precision
-from util.relevancy import bootstrap_target
+from util.relevancy import bootstrap_maps
 
 BOOTSTRAP_SIZE = 224
 
@@ -47,9 +51,9 @@ class Text2LiveLoss:
         self.boot_emb = encode_texts(clip, boot, ["{}"], device)[:, 0] if boot else None
         negative = as_list(cfg.get("bootstrap_negative_text")) if cfg.get("use_negative_bootstrap") else []
         self.negative_emb = encode_texts(clip, negative, ["{}"], device)[:, 0] if negative else None
-        self.n_texts = max(e.shape[0] for e in (self.comp_emb, self.src_emb, self.screen_emb) if e is not None)
         self.precision = resolve_precision(cfg.get("mixed_precision", "off"), device)
         self.image_passes = 0  # images through the CLIP image tower, for benchmarks
+        clip.visual.official_pos_embed = bool(cfg.get("clip_pos_embed_official", False))
 
     # -- helpers ------------------------------------------------------------------------
     def bootstrap_weight(self, step: int) -> float:
@@ -59,21 +63,38 @@ class Text2LiveLoss:
         return losses.bootstrap_weight(step, cfg["lambda_bootstrap"], cfg["lambda_bootstrap_min"],
                                        cfg["bootstrap_epoch"], cfg["bootstrap_scheduler"])
 
-    def _pick(self, emb, idx_text, idx_tpl):
-        return emb[idx_text % emb.shape[0], idx_tpl]  # [V, E]
+    @staticmethod
+    def _pick(emb, idx_text, idx_tpl):
+        return emb[idx_text, idx_tpl]  # [V, E]
 
-    def _encode(self, images, tokens: bool):
-        """CLIP image features (under mixed precision if enabled), returned in float32."""
+    @staticmethod
+    def _draw(rng: random.Random, n: int, count: int):
+        return torch.tensor([rng.randrange(n) for _ in range(count)])
+
+    def _embed(self, images):
+        """CLIP image embeddings [B, E] (under mixed precision if enabled), in float32."""
         self.image_passes += images.shape[0]
         with autocast(self.device, self.precision):
-            feats = self.clip.image_features(images, return_tokens=tokens)
-        feats.embedding = feats.embedding.float()
-        feats.tokens = feats.tokens.float() if feats.tokens is not None else None
-        return feats
+            return self.clip.image_features(images).embedding.float()
+
+    def _self_similarity(self, image):
+        """Self-similarity [1, N, N] of the tokens entering CLIP's last block, for image [1, 3, h, w]
+        resized like the official structure loss (short side 224, long side at most 380)."""
+        self.image_passes += 1
+        x = resize_to(image, view_size(*image.shape[-2:], long_max=STRUCTURE_LONG_MAX))
+        with autocast(self.device, self.precision):
+            tokens = self.clip.image_features(x, tokens_only=True).tokens
+        return losses.self_similarity(tokens.float())
 
     # -- the loss -----------------------------------------------------------------------
-    def __call__(self, image, colour, alpha, step: int, rng: random.Random, generator: torch.Generator):
-        """image, colour: [1, 3, h, w]; alpha: [1, 1, h, w]. Returns (total, {term: float})."""
+    def __call__(self, image, colour, alpha, step: int, rng: random.Random, generator: torch.Generator,
+                 opacity=None):
+        """image, colour: [1, 3, h, w]; alpha: [1, 1, h, w]. Returns (total, {term: float}).
+
+        opacity [1, 1, h, w] (a video's foreground layer with multiply_foreground_alpha): the
+        composite is seen through it (multiplied by it), the edit over green only where it is
+        opaque, and alpha's sparsity and bootstrap apply to alpha * opacity.
+        """
         cfg = self.cfg
         V = cfg["n_aug"]
         h, w = image.shape[-2:]
@@ -81,39 +102,43 @@ class Text2LiveLoss:
         output = losses.composite(colour, alpha, image)  # [1, 3, h, w]
         use_dir = self.src_emb is not None
         use_screen = self.screen_emb is not None
+        green = losses.over_green(colour, alpha) if use_screen else None
+        if opacity is not None:
+            output = opacity * output
+            green = losses.composite(green, opacity, losses.green_screen(green)) if use_screen else None
+            alpha = alpha * opacity
 
-        params = sample_view_params(V, (h, w), view_hw, generator)
-        sources = [output] + ([losses.over_green(colour, alpha)] if use_screen else []) + ([image] if use_dir else [])
+        sources = [output] + ([green] if use_screen else []) + ([image] if use_dir else [])
+        if cfg.get("shared_clip_views", False):
+            params = sample_view_params(V, (h, w), view_hw, generator)
+        else:
+            params = [sample_view_params(V, (h, w), view_hw, generator) for _ in sources]
         views = make_views(sources, params, view_hw, fill=cfg["clip_affine_transform_fill"])
-        out_views = views[0]
-        green_views = views[1] if use_screen else None
-        in_views = views[-1].detach() if use_dir else None
 
-        need_structure = cfg["lambda_structure"] > 0
-        resize = lambda x: F.interpolate(x, size=view_hw, mode="bilinear", align_corners=False, antialias=True)
-        grad_batch = [out_views] + ([green_views] if use_screen else []) + ([resize(output)] if need_structure else [])
-        feats = self._encode(torch.cat(grad_batch), tokens=need_structure)
-        emb_out = feats.embedding[:V]
-
-        nograd_batch = ([in_views] if use_dir else []) + ([resize(image)] if need_structure else [])
-        feats_in = None
-        if nograd_batch:
-            with torch.no_grad():
-                feats_in = self._encode(torch.cat(nograd_batch), tokens=need_structure)
-
-        k = torch.tensor([rng.randrange(self.n_texts) for _ in range(V)])  # text (pairs) per view
-        t = torch.tensor([rng.randrange(len(TEXT_TEMPLATES)) for _ in range(V)])  # template per view
-        target = self._pick(self.comp_emb, k, t)
-        terms = {"comp_text": losses.text_loss(emb_out, target, cfg["text_criterion"])}
+        grad_batch = views[:2] if use_screen else views[:1]
+        emb = self._embed(torch.cat(grad_batch))
+        emb_out = emb[:V]
         if use_dir:
-            emb_in = feats_in.embedding[:V]
-            terms["comp_dir"] = losses.directional_loss(emb_out, emb_in, target, self._pick(self.src_emb, k, t))
+            with torch.no_grad():
+                emb_in = self._embed(views[-1])
+
+        k = self._draw(rng, self.comp_emb.shape[0], V)  # text per view
+        t = self._draw(rng, len(TEXT_TEMPLATES), V)  # template per view
+        terms = {"comp_text": losses.text_loss(emb_out, self._pick(self.comp_emb, k, t), cfg["text_criterion"])}
+        if use_dir:  # comp_text and src_text pair by position; the first min(len) pairs count
+            kd = self._draw(rng, min(self.comp_emb.shape[0], self.src_emb.shape[0]), V)
+            td = self._draw(rng, len(TEXT_TEMPLATES), V)
+            terms["comp_dir"] = losses.directional_loss(
+                emb_out, emb_in, self._pick(self.comp_emb, kd, td), self._pick(self.src_emb, kd, td),
+                normalize=cfg.get("directional_normalize", False))
         if use_screen:
-            ts = torch.tensor([rng.randrange(len(SCREEN_TEMPLATES)) for _ in range(V)])
-            emb_green = feats.embedding[V:2 * V]
-            terms["screen"] = losses.text_loss(emb_green, self._pick(self.screen_emb, k, ts), cfg["text_criterion"])
-        if need_structure:
-            terms["structure"] = losses.structure_loss(feats.tokens[-1:], feats_in.tokens[-1:], cfg["structure_loss"])
+            ks = self._draw(rng, self.screen_emb.shape[0], V)
+            ts = self._draw(rng, len(SCREEN_TEMPLATES), V)
+            terms["screen"] = losses.text_loss(emb[V:2 * V], self._pick(self.screen_emb, ks, ts), cfg["text_criterion"])
+        if cfg["lambda_structure"] > 0:
+            with torch.no_grad():
+                target = self._self_similarity(image)
+            terms["structure"] = losses.structure_loss(self._self_similarity(output), target, cfg["structure_loss"])
         terms["sparsity"] = losses.sparsity_loss(alpha, cfg["lambda_alpha_l1"], cfg["lambda_alpha_l0"])
 
         lambda_boot = self.bootstrap_weight(step)
@@ -129,17 +154,18 @@ class Text2LiveLoss:
         return total, logged
 
     def bootstrap_term(self, image, alpha, rng: random.Random):
-        """MSE between alpha and the ROI relevancy map, on a random crop at 224x224."""
+        """MSE between alpha and the ROI relevancy map (plus the negative term), on one random
+        crop of both (bootstrapping_min_cover) resized to 224x224 with antialiased bilinear."""
         H, W = image.shape[-2:]
-        top, left, h, w = random_crop_box(H, W, self.cfg["bootstrapping_min_cover"], rng)
+        top, left, h, w = random_size_crop(H, W, self.cfg["bootstrapping_min_cover"], rng)
         size = (BOOTSTRAP_SIZE, BOOTSTRAP_SIZE)
-        crop = F.interpolate(image[..., top:top + h, left:left + w], size=size, mode="bilinear",
-                             align_corners=False, antialias=True)
-        alpha_crop = F.interpolate(alpha[..., top:top + h, left:left + w], size=size, mode="bilinear",
-                                   align_corners=False)
+        crop = resize_to(image[..., top:top + h, left:left + w], size)
+        alpha_crop = resize_to(alpha[..., top:top + h, left:left + w], size)
         negatives = self.negative_emb if self.negative_emb is not None else ()
         self.image_passes += len(self.boot_emb) + len(negatives)
         with autocast(self.device, self.precision):
-            target = bootstrap_target(self.clip, crop, self.boot_emb, negatives, self.cfg["relevancy_num_layers"],
-                                      self.cfg["bootstrap_negative_map_threshold"]).float()
-        return losses.bootstrap_loss(alpha_crop, target)
+            positive, negative = bootstrap_maps(self.clip, crop, self.boot_emb, negatives,
+                                                self.cfg["relevancy_num_layers"])
+        negative = negative.float() if negative is not None else None
+        return losses.bootstrap_loss(alpha_crop, positive.float(), negative,
+                                     self.cfg["bootstrap_negative_map_threshold"])

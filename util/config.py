@@ -322,8 +322,10 @@ def public(cfg: dict) -> dict:
     return {k: v for k, v in cfg.items() if not k.startswith("_")}
 
 
-def check_texts(cfg: dict, required=("comp_text",), paired=("comp_text", "src_text")):
-    """Text fields: required ones non-empty, no blank entries, paired lists of compatible length."""
+def check_texts(cfg: dict, required=("comp_text",)):
+    """Text fields: required ones non-empty, no blank entries. comp_text and src_text pair by
+    position; lists of different lengths are allowed (the directional loss uses the first
+    min(len) pairs, as the official code does)."""
     for key in ("comp_text", "src_text", "screen_text", "bootstrap_text", "bootstrap_negative_text"):
         if key not in cfg:
             continue
@@ -332,10 +334,6 @@ def check_texts(cfg: dict, required=("comp_text",), paired=("comp_text", "src_te
             raise ConfigError(f"{key} is empty; give the edit's text, e.g. {key}='golden horse'")
         if any(not t.strip() for t in texts):
             raise ConfigError(f"{key} contains an empty prompt; remove it or write some text")
-    lengths = {len(as_list(cfg.get(k))) for k in paired if as_list(cfg.get(k))}
-    if len(lengths - {1}) > 1:
-        raise ConfigError(f"{' and '.join(paired)} pair by position: give them the same number of "
-                          f"texts (or one of them a single text); got lengths {sorted(lengths)}")
 
 
 def check_image_config(cfg: dict) -> None:

@@ -110,14 +110,28 @@ def read_image(path) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)[None]
 
 
+def quantize_8bit(image: torch.Tensor) -> torch.Tensor:
+    """Values rounded to the 256 levels of an 8-bit image (as the official code holds its input)."""
+    return image.clamp(0, 1).mul(255).round().div(255)
+
+
+def resize_8bit(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """[B, C, H, W] resized to `size` like PIL's bilinear resize of an 8-bit image (antialiased
+    when shrinking), the result rounded to 8-bit levels."""
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image
+    return quantize_8bit(F.interpolate(image, size=size, mode="bilinear", align_corners=False, antialias=True))
+
+
 def resize_short_side(image: torch.Tensor, short_side: int) -> torch.Tensor:
-    """[B, C, H, W] resized (antialiased bicubic) so min(H, W) == short_side; <= 0 keeps it."""
+    """[B, C, H, W] resized so min(H, W) == short_side (the long side int(short_side * long / short),
+    as torchvision's Resize computes it), bilinear on 8-bit levels; <= 0 keeps it."""
     H, W = image.shape[-2:]
     if short_side <= 0 or min(H, W) == short_side:
         return image
-    scale = short_side / min(H, W)
-    size = (max(1, round(H * scale)), max(1, round(W * scale)))
-    return F.interpolate(image, size=size, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+    long_side = max(1, int(short_side * max(H, W) / min(H, W)))
+    size = (short_side, long_side) if H <= W else (long_side, short_side)
+    return resize_8bit(image, size)
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:

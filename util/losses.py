@@ -3,12 +3,11 @@
 Embeddings are raw CLIP outputs; every function normalises what it needs.
 """
 
-import math
-
 import torch
 import torch.nn.functional as F
 
-GREEN = (0.0, 1.0, 0.0)
+GREEN = (0.0, 177 / 255, 64 / 255)  # the official green screen colour
+COSINE_SCALE = 1.2  # the official cosine text criterion is 1.2 * (1 - cos)
 
 
 def composite(colour, alpha, background):
@@ -16,24 +15,28 @@ def composite(colour, alpha, background):
     return alpha * colour + (1 - alpha) * background
 
 
+def green_screen(like):
+    """The green screen colour (0, 177, 64) / 255 as a [1, 3, 1, 1] tensor like `like`."""
+    return torch.tensor(GREEN, dtype=like.dtype, device=like.device).view(1, 3, 1, 1)
+
+
 def over_green(colour, alpha):
-    """The edit layer over a pure green screen (0, 1, 0)."""
-    green = torch.tensor(GREEN, dtype=colour.dtype, device=colour.device).view(1, 3, 1, 1)
-    return composite(colour, alpha, green)
+    """The edit layer over the green screen."""
+    return composite(colour, alpha, green_screen(colour))
 
 
 def text_distance(image_emb, text_emb, criterion: str = "spherical"):
     """Per-row distance between image and text embeddings [N, E], [N, E] -> [N].
 
     spherical: 2 * arcsin(|x^ - y^| / 2)^2 (the squared great-circle distance);
-    cosine: 1 - cos(x, y).
+    cosine: 1.2 * (1 - cos(x, y)) (the official scaling).
     """
     x = F.normalize(image_emb, dim=-1)
     y = F.normalize(text_emb, dim=-1)
     if criterion == "spherical":
         return 2 * torch.arcsin(((x - y).norm(dim=-1) / 2).clamp(max=1.0)) ** 2
     if criterion == "cosine":
-        return 1 - (x * y).sum(dim=-1)
+        return COSINE_SCALE * (1 - (x * y).sum(dim=-1))
     raise ValueError(f"unknown text_criterion {criterion!r} (use spherical or cosine)")
 
 
@@ -42,17 +45,23 @@ def text_loss(image_emb, text_emb, criterion: str = "spherical"):
     return text_distance(image_emb, text_emb, criterion).mean()
 
 
-def directional_loss(out_emb, in_emb, target_text_emb, source_text_emb):
-    """1 - cos(E(out) - E(in), E(target text) - E(source text)), mean over rows."""
-    image_dir = F.normalize(out_emb, dim=-1) - F.normalize(in_emb, dim=-1)
-    text_dir = F.normalize(target_text_emb, dim=-1) - F.normalize(source_text_emb, dim=-1)
+def directional_loss(out_emb, in_emb, target_text_emb, source_text_emb, normalize: bool = False):
+    """1 - cos(E(out) - E(in), E(target text) - E(source text)), mean over rows.
+
+    Official: differences of the raw (unnormalised) embeddings. normalize=True takes them
+    between unit vectors instead (config directional_normalize)."""
+    if normalize:
+        out_emb, in_emb = F.normalize(out_emb, dim=-1), F.normalize(in_emb, dim=-1)
+        target_text_emb, source_text_emb = F.normalize(target_text_emb, dim=-1), F.normalize(source_text_emb, dim=-1)
+    image_dir = out_emb - in_emb
+    text_dir = target_text_emb - source_text_emb
     return (1 - F.cosine_similarity(image_dir, text_dir, dim=-1, eps=1e-8)).mean()
 
 
-def self_similarity(tokens):
-    """Cosine self-similarity of tokens [B, N, W] -> [B, N, N]."""
-    t = F.normalize(tokens, dim=-1)
-    return t @ t.transpose(-2, -1)
+def self_similarity(tokens, eps: float = 1e-8):
+    """Cosine self-similarity of tokens [B, N, W] -> [B, N, N]: (x_i . x_j) / max(|x_i| |x_j|, eps)."""
+    norm = tokens.norm(dim=-1, keepdim=True)  # [B, N, 1]
+    return (tokens @ tokens.transpose(-2, -1)) / (norm @ norm.transpose(-2, -1)).clamp(min=eps)
 
 
 def structure_loss(out_tokens, in_tokens, kind: str = "mse"):
@@ -73,21 +82,35 @@ def sparsity_loss(alpha, l1_weight: float, l0_weight: float):
     return l1_weight * l1 + l0_weight * l0
 
 
-def bootstrap_loss(alpha, relevancy):
-    """MSE between alpha and a relevancy map of the same crop (both [B, 1, h, w])."""
-    return F.mse_loss(alpha, relevancy.detach())
+def bootstrap_loss(alpha, relevancy, negative=None, negative_threshold: float = 0.6):
+    """Pull alpha towards the ROI relevancy map of the same crop (all maps [B, 1, h, w]).
+
+    MSE(alpha, r+); with a negative map r-, plus MSE((1 - alpha) * m, r- * m) where
+    m = [r- > negative_threshold]: where a negative text is relevant, 1 - alpha follows r-.
+    negative: [K, B, 1, h, w] (one map per negative text) or None.
+    """
+    loss = F.mse_loss(alpha, relevancy.detach())
+    if negative is not None:
+        negative = negative.detach()
+        m = (negative > negative_threshold).to(alpha.dtype)
+        loss = loss + F.mse_loss((1 - alpha) * m, negative * m)
+    return loss
 
 
-def bootstrap_weight(step: int, start: float, end: float, end_step: int, scheduler: str = "linear") -> float:
-    """Weight of the bootstrap loss at `step`: from `start` at 0 to `end` at `end_step`, then 0."""
+def bootstrap_weight(step: int, start: float, floor: float, end_step: int, scheduler: str = "linear") -> float:
+    """Weight of the bootstrap loss at `step` (0-based), as the official code schedules it.
+
+    exponential: start * 0.99^(step + 1); linear: start * (1 - (step + 1) / end_step);
+    none: start. Each is floored at `floor` (lambda_bootstrap_min) and is 0 from end_step on.
+    """
     if end_step <= 0 or step >= end_step:
         return 0.0
-    t = step / end_step
     if scheduler == "none":
-        return start
-    if scheduler == "linear":
-        return start + (end - start) * t
-    if scheduler == "exponential":
-        floor = max(end, 1e-8)
-        return float(start * math.exp(math.log(floor / start) * t)) if start > 0 else 0.0
-    raise ValueError(f"unknown bootstrap_scheduler {scheduler!r} (use linear, exponential or none)")
+        weight = start
+    elif scheduler == "linear":
+        weight = start * (1 - (step + 1) / end_step)
+    elif scheduler == "exponential":
+        weight = start * 0.99 ** (step + 1)
+    else:
+        raise ValueError(f"unknown bootstrap_scheduler {scheduler!r} (use linear, exponential or none)")
+    return float(max(weight, floor))

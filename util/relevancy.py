@@ -1,6 +1,7 @@
 """CLIP relevancy maps (Chefer et al. 2021), used to bootstrap the edit layer's alpha.
 
-For an image and a text: the image-text logit is differentiated w.r.t. the attention
+For an image and a text: the image-text logit (logit_scale * cosine, as CLIP scores a pair)
+is differentiated w.r.t. the attention
 probabilities of the selected blocks; starting from R = I, each selected block updates
 R <- R + mean_heads(clamp(grad * attn, min=0)) @ R. The CLS row of R over the patches is the
 relevance of each patch, upsampled to the image and min-max normalised to [0, 1].
@@ -26,7 +27,8 @@ def relevancy_map(clip, images, text_emb, num_layers: int = 10):
         x = images.detach().clone().requires_grad_(True)  # makes the attention part of a graph
         feats = clip.image_features(x, keep_probs_from=first)
         image_emb = F.normalize(feats.embedding, dim=-1)
-        logit = (image_emb @ F.normalize(text_emb.detach(), dim=-1).view(-1, 1)).sum()
+        cosine = (image_emb @ F.normalize(text_emb.detach(), dim=-1).view(-1, 1)).sum()
+        logit = clip.logit_scale.detach().exp() * cosine  # the scale matters once 2+ blocks compose
         grads = torch.autograd.grad(logit, feats.attentions)
 
     gh, gw = feats.grid
@@ -42,11 +44,12 @@ def relevancy_map(clip, images, text_emb, num_layers: int = 10):
     return ((relevance - low) / (high - low).clamp(min=1e-8)).detach()
 
 
-def bootstrap_target(clip, images, positive_embs, negative_embs=(), num_layers=10, negative_threshold=0.6):
-    """The bootstrap target: element-wise max over positive texts' maps, zeroed where any
-    negative text's map exceeds `negative_threshold`. positive_embs / negative_embs: [K, E]."""
-    target = torch.stack([relevancy_map(clip, images, e, num_layers) for e in positive_embs]).amax(dim=0)
-    for e in negative_embs:
-        negative = relevancy_map(clip, images, e, num_layers)
-        target = target.masked_fill(negative > negative_threshold, 0.0)
-    return target
+def bootstrap_maps(clip, images, positive_embs, negative_embs=(), num_layers=10):
+    """The bootstrap targets of `images` [B, 3, S, S]: (positive [B, 1, S, S], the element-wise
+    max over the positive texts' maps; negative [K, B, 1, S, S], one map per negative text, or
+    None). positive_embs / negative_embs: [K, E]."""
+    positive = torch.stack([relevancy_map(clip, images, e, num_layers) for e in positive_embs]).amax(dim=0)
+    negative = None
+    if len(negative_embs):
+        negative = torch.stack([relevancy_map(clip, images, e, num_layers) for e in negative_embs])
+    return positive, negative

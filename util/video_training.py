@@ -24,6 +24,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from datasets.image_dataset import colour_jitter
 from datasets.video_frames import read_frames, write_video
 from models.clip import load_clip
 from models.generator import Generator, split_edit_layer
@@ -177,19 +178,36 @@ def video_step(generator, video: VideoAtlas, loss_fn, step: int, rng: random.Ran
         out = out.float()
         return out.flip(-1) if flip else out
 
+    jitter_p = cfg["jitter_p"]
+    if rng.random() < jitter_p:  # the official crop augmentation: colour jitter, p jitter_p
+        atlas_crop = colour_jitter(atlas_crop, rng)
+    foreground = video.layer == "foreground"
+    multiply = foreground and cfg["multiply_foreground_alpha"]
+
     terms, calls = {}, []
     atlas_edit = edit(atlas_crop)  # [1, 4, ah, aw]
     frame_edits = sample_atlas(atlas_edit.expand(len(ts), -1, -1, -1), sub, uv, cfg["align_corners"])
-    layer_crops = video.layer_frames[ts][:, :, crop[0], crop[1]]  # [F, 3, h, w]
+    layer_crops = sample_atlas(atlas_crop.expand(len(ts), -1, -1, -1), sub, uv, cfg["align_corners"])  # [F, 3, h, w]
+    alpha_crops = video.alpha[ts][:, :, crop[0], crop[1]]  # [F, 1, h, w] the object's opacity
     for i in range(len(ts)):
         colour, alpha = split_edit_layer(frame_edits[i:i + 1])
-        calls.append(loss_fn(layer_crops[i:i + 1], colour, alpha, step, rng, torch_gen))
-    # one frame crop straight through the generator
-    frame_crop = video.frames[t:t + 1, :, crop[0], crop[1]]
-    colour, alpha = split_edit_layer(edit(frame_crop))
+        opacity = alpha_crops[i:i + 1] if multiply else None
+        calls.append(loss_fn(layer_crops[i:i + 1], colour, alpha, step, rng, torch_gen, opacity=opacity))
+    # one frame crop straight through the generator: the layer as the video shows it (the
+    # foreground: the frame times the object's opacity; the background: its atlas reconstruction)
+    if foreground:
+        frame_crop = video.frames[t:t + 1, :, crop[0], crop[1]] * video.alpha[t:t + 1, :, crop[0], crop[1]]
+    else:
+        frame_crop = video.layer_frames[t:t + 1, :, crop[0], crop[1]]
+    if rng.random() < jitter_p:
+        frame_crop = colour_jitter(frame_crop, rng)
+    edit_layer = edit(frame_crop)
+    if multiply:  # colour and alpha both seen through the object's opacity, as the official code does
+        edit_layer = edit_layer * video.alpha[t:t + 1, :, crop[0], crop[1]]
+    colour, alpha = split_edit_layer(edit_layer)
     calls.append(loss_fn(frame_crop, colour, alpha, step, rng, torch_gen))
     every = cfg["entire_atlas_every"]
-    if every > 0 and step % every == 0:
+    if every > 0 and (step + 1) % every == 0:
         colour, alpha = split_edit_layer(edit(video.atlas))
         calls.append(loss_fn(video.atlas, colour, alpha, step, rng, torch_gen))
     total = sum(c[0] for c in calls) / len(calls)
