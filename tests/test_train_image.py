@@ -100,6 +100,27 @@ def test_render_from_a_checkpoint(tiny_overrides, cat_photo, tmp_path):
     for name in OUTPUTS:
         assert (out / "final" / name).is_file()
     assert np.asarray(Image.open(out / "final" / "composite.png")).shape == (64, 96, 3)
+    assert torch.load(run_dir / "model.pt")["generator_config"]["variant"] == "official"
+
+
+def test_a_model_from_before_the_official_unet_still_renders(cat_photo, tmp_path):
+    """model.pt files written before the official generator (no 'variant') render as they did."""
+    from models.generator import Generator
+    torch.manual_seed(0)
+    old = Generator(num_scales=3, skip_n33d=8, skip_n33u=8, variant="legacy")
+    arch = dict(num_scales=3, skip_n33d=8, skip_n33u=8, skip_n11=4)  # the old generator_config
+    torch.save({"generator": old.state_dict(), "generator_config": arch, "config": {}}, tmp_path / "model.pt")
+    out = Path(train_image.main([f"render={tmp_path / 'model.pt'}", f"image_path={cat_photo}", "resize_input=64",
+                                 f"results_folder={tmp_path / 'renders'}", "device=cpu"]))
+    image = torch.from_numpy(np.array(Image.open(out / "final" / "input.png"))).permute(2, 0, 1)[None] / 255
+    with torch.no_grad():
+        alpha = old(image)[:, 3]
+    saved = torch.from_numpy(np.asarray(Image.open(out / "final" / "alpha.png"))).float() / 255
+    assert (saved - alpha[0]).abs().max() < 1.5 / 255
+    broken = {"generator": {"head.weight": torch.zeros(1)}, "generator_config": arch}
+    torch.save(broken, tmp_path / "broken.pt")
+    with pytest.raises(Exception, match="re-train with train_image.py"):
+        train_image.main([f"render={tmp_path / 'broken.pt'}", f"image_path={cat_photo}", "device=cpu"])
 
 
 BAD_INPUTS = [

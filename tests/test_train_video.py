@@ -123,13 +123,14 @@ def test_checkpoint_with_wrong_keys_is_refused(overrides, tmp_path, capsys):
 
 
 def test_every_paper_example_config_loads():
+    from util.video_training import check_video_config
     names = ["car-turn_winter", "car-turn_rusty", "car-turn_nighttime", "blackswan_crochet", "blackswan_crystal",
              "blackswan_cube", "blackswan_gold", "libby_diamond", "libby_giraffe", "libby_gold", "libby_leopard",
              "lucia_fog", "lucia_winter", "lucia_wonderland"]
     for name in names:
         cfg = load_config("video", example=name)
         assert cfg["finetune_foreground"] != cfg["finetune_background"]
-        assert len(cfg["comp_text"]) == len(cfg["src_text"])
+        check_video_config(cfg)  # the official texts pass our checks (lucia_winter: 3 comp, 2 src texts)
     winter = load_config("video", example="car-turn_winter")
     assert winter["screen_text"] == ["winter scene", "snow everywhere", "beautiful snow"]
     assert (winter["resx"], winter["resy"], winter["n_aug"], winter["lambda_structure"]) == (768, 432, 6, 3.0)
@@ -146,3 +147,72 @@ def test_atlas_preparation_is_cached_for_the_next_run(overrides, capsys):
     assert torch.equal(first.layer_frames, second.layer_frames)
     uncached = VideoAtlas({**cfg, "atlas_cache": False}, "background", torch.device("cpu"))
     assert "loaded from" not in capsys.readouterr().out and torch.equal(uncached.atlas, first.atlas)
+
+
+def _find_crop(patch, stack):
+    """(t, i, j, flipped) where patch [1, C, h, w] is a crop of stack [T, C, H, W], or None."""
+    h, w = patch.shape[-2:]
+    for t in range(stack.shape[0]):
+        for i in range(stack.shape[-2] - h + 1):
+            for j in range(stack.shape[-1] - w + 1):
+                crop = stack[t:t + 1, :, i:i + h, j:j + w]
+                for flipped in (False, True):
+                    if torch.allclose(patch.flip(-1) if flipped else patch, crop, atol=1e-6):
+                        return t, i, j, flipped
+    return None
+
+
+@pytest.mark.parametrize("multiply", [True, False])
+def test_foreground_crops_are_seen_through_the_object_opacity(overrides, multiply):
+    """Official video step, foreground layer: the straight-through crop is the frame times the
+    object's opacity; with multiply_foreground_alpha the losses see the edit (colour and alpha)
+    through that opacity, and the atlas-sampled crops get the opacity as well."""
+    import random
+    from util.image_training import make_generator
+    from util.video_training import VideoAtlas, video_step
+    cfg = load_config("video", example="blackswan_gold",
+                      overrides=overrides + ["jitter_p=0", f"multiply_foreground_alpha={str(multiply).lower()}"])
+    video = VideoAtlas(cfg, "foreground", torch.device("cpu"))
+    calls, inputs, outputs = [], [], []
+
+    def spy(image, colour, alpha, step, rng, gen, opacity=None):
+        calls.append((image, alpha, opacity))
+        return colour.mean() + alpha.mean(), {}
+
+    def record(module, args, out):
+        inputs.append(args[0].detach())
+        outputs.append(out.detach())
+
+    generator = make_generator(cfg)
+    generator.register_forward_hook(record)
+    video_step(generator, video, spy, 1, random.Random(0), torch.Generator().manual_seed(0), None)
+    n_frames = len(calls) - 1
+    assert all((c[2] is not None) == multiply for c in calls[:n_frames])
+    found = _find_crop(inputs[1], video.frames * video.alpha)
+    assert found is not None, "the straight-through crop is not a crop of frame * opacity"
+    t, i, j, flipped = found
+    h, w = inputs[1].shape[-2:]
+    opacity = video.alpha[t:t + 1, :, i:i + h, j:j + w]
+    alpha = outputs[1][:, 3:].flip(-1) if flipped else outputs[1][:, 3:]
+    expected = alpha * opacity if multiply else alpha
+    assert torch.allclose(calls[n_frames][1], expected, atol=1e-6)
+
+
+def test_video_crops_are_colour_jittered_with_jitter_p(overrides):
+    import random
+    from util.image_training import make_generator
+    from util.video_training import VideoAtlas, video_step
+    cfg = load_config("video", example="car-turn_winter", overrides=overrides + ["jitter_p=1"])
+    video = VideoAtlas(cfg, "background", torch.device("cpu"))
+    inputs = []
+    generator = make_generator(cfg)
+    generator.register_forward_pre_hook(lambda m, args: inputs.append(args[0].detach()))
+    loss = lambda image, colour, alpha, *a, **k: (colour.mean(), {})
+    video_step(generator, video, loss, 1, random.Random(0), torch.Generator().manual_seed(0), None)
+    assert _find_crop(inputs[0], video.atlas) is None  # the atlas crop was jittered
+    assert _find_crop(inputs[1], video.layer_frames) is None  # and the straight-through crop
+    cfg["jitter_p"] = 0.0
+    inputs.clear()
+    video_step(generator, video, loss, 1, random.Random(0), torch.Generator().manual_seed(0), None)
+    assert _find_crop(inputs[0], video.atlas) is not None
+    assert _find_crop(inputs[1], video.layer_frames) is not None

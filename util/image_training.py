@@ -26,7 +26,7 @@ import yaml
 from tqdm import tqdm
 
 from models.clip import load_clip
-from models.generator import Generator, split_edit_layer
+from models.generator import Generator, generator_config, generator_from_checkpoint, split_edit_layer
 from datasets.image_dataset import ImageDataset
 from util import losses
 from util.clip_loss import Text2LiveLoss
@@ -34,7 +34,6 @@ from util.config import ConfigError, check_image_config, public
 from util.image_io import read_image, resize_short_side, save_png
 from util.precision import autocast
 
-GENERATOR_KEYS = ("num_scales", "skip_n33d", "skip_n33u", "skip_n11")
 LOSS_COLUMNS = ["step", "total", "comp_text", "comp_dir", "screen", "structure", "sparsity",
                 "bootstrap", "lambda_bootstrap", "lr"]
 
@@ -60,7 +59,15 @@ def resolve_seed(seed: int) -> int:
 
 
 def make_generator(cfg: dict) -> Generator:
-    return Generator(**{k: cfg[k] for k in GENERATOR_KEYS})
+    return Generator(**generator_config(cfg))
+
+
+def load_generator(arch: dict, weights: dict, path) -> Generator:
+    """A saved generator (official or, from files written before the official U-Net, legacy)."""
+    try:
+        return generator_from_checkpoint(arch, weights)
+    except ValueError as e:
+        raise ConfigError(f"{path}: {e}") from e
 
 
 def make_optimizer(params, cfg: dict):
@@ -196,7 +203,7 @@ def prepare(cfg: dict):
 
 def checkpoint_state(step, generator, optimizer, lr, rng, torch_gen, cfg):
     return {
-        "step": step, "lr": lr, "config": public(cfg),
+        "step": step, "lr": lr, "config": public(cfg), "generator_config": generator.config,
         "generator": generator.state_dict(), "optimizer": optimizer.state_dict(),
         "python_rng": rng.getstate(), "torch_rng": torch_gen.get_state(),
         "torch_global_rng": torch.get_rng_state(),
@@ -239,11 +246,14 @@ def train(cfg: dict, run_dir: Path | None = None) -> Path:
     rng = random.Random(cfg["seed"])
     torch_gen = torch.Generator().manual_seed(cfg["seed"])
 
-    generator = make_generator(cfg).to(device)
+    if resuming:  # a run begun before the official U-Net (no generator_config) goes on as it began
+        arch = state.get("generator_config", {**generator_config(cfg), "variant": "legacy"})
+        generator = load_generator(arch, state["generator"], run_dir / "checkpoints" / "last.pt").to(device)
+    else:
+        generator = make_generator(cfg).to(device)
     optimizer = make_optimizer(generator.parameters(), cfg)
     lr = cfg["lr"]
     if resuming:
-        generator.load_state_dict(state["generator"])
         optimizer.load_state_dict(state["optimizer"])
         start, lr = state["step"], state["lr"]
         rng.setstate(state["python_rng"])
@@ -305,7 +315,7 @@ def train(cfg: dict, run_dir: Path | None = None) -> Path:
     save_atomic(checkpoint_state(n_steps, generator, optimizer, lr, rng, torch_gen, cfg),
                 run_dir / "checkpoints" / "last.pt")
     plot_losses(run_dir / "losses.csv", run_dir / "loss_curve.png")
-    save_atomic({"generator": generator.state_dict(), "generator_config": {k: cfg[k] for k in GENERATOR_KEYS},
+    save_atomic({"generator": generator.state_dict(), "generator_config": generator.config,
                  "config": public(cfg), "step": n_steps}, run_dir / "model.pt")
     final = render_edit(generator, image)
     final["input"] = image
@@ -334,8 +344,7 @@ def render(cfg: dict) -> Path:
     if cfg["image_path"] is None:
         raise ConfigError("render needs image_path (the checkpoint does not name one)")
     image = load_input(cfg, device)
-    generator = Generator(**arch).to(device)
-    generator.load_state_dict(weights)
+    generator = load_generator(arch, weights, path).to(device)
     out_dir = new_run_dir({**cfg, "_name": f"{cfg['_name']}-render"})
     edit = render_edit(generator, image)
     edit["input"] = image

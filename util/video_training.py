@@ -27,14 +27,14 @@ from tqdm import tqdm
 from datasets.image_dataset import colour_jitter
 from datasets.video_frames import read_frames, write_video
 from models.clip import load_clip
-from models.generator import Generator, split_edit_layer
+from models.generator import split_edit_layer
 from models.nla import NLAModel
 from util import losses
 from util.atlas import AtlasBox, bounding_box, discretize_atlas, frame_maps, sample_atlas
 from util.clip_loss import Text2LiveLoss
 from util.config import ConfigError, check_texts, public
 from util.image_io import resolve_data_path, save_png
-from util.image_training import (GENERATOR_KEYS, LossLog, make_generator, make_optimizer, new_run_dir,
+from util.image_training import (LossLog, load_generator, make_generator, make_optimizer, new_run_dir,
                                  pick_device, plot_losses, resolve_seed, save_atomic)
 from util.precision import autocast
 
@@ -327,7 +327,7 @@ def train(cfg: dict) -> Path:
 
 
 def model_state(generator, cfg, video: VideoAtlas) -> dict:
-    return {"generator": generator.state_dict(), "generator_config": {k: cfg[k] for k in GENERATOR_KEYS},
+    return {"generator": generator.state_dict(), "generator_config": generator.config,
             "layer": video.layer, "config": public(cfg)}
 
 
@@ -347,8 +347,7 @@ def render(cfg: dict) -> Path:
             raise ConfigError(f"{path} is not a video edit (no atlas layer recorded); use a train_video.py model.pt")
         saved = state["config"]
         video = VideoAtlas({**saved, "device": cfg["device"]}, state["layer"], device)
-        generator = Generator(**state["generator_config"]).to(device)
-        generator.load_state_dict(state["generator"])
+        generator = load_generator(state["generator_config"], state["generator"], path).to(device)
         _, layer = edit_video(generator, video, saved["multiply_foreground_alpha"])
         if frames is not None and frames.shape != video.frames.shape:
             raise ConfigError("the two edits belong to videos of different sizes; render edits of one video")
