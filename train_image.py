@@ -13,6 +13,7 @@ from pathlib import Path
 from util.cli import run_cli
 from util.config import ConfigError, command_line, load_config, parse_overrides
 from util.image_training import render, train
+from util.training_loop import check_resume
 
 
 def main(argv=None):
@@ -22,14 +23,15 @@ def main(argv=None):
         return render(cfg)
     if cfg["resume"] is not None:
         run_dir = Path(cfg["resume"])
-        if not (run_dir / "config.yaml").is_file() or not (run_dir / "checkpoints" / "last.pt").is_file():
-            raise ConfigError(f"resume={run_dir}: not a run folder with a checkpoint "
-                              "(needs config.yaml and checkpoints/last.pt)")
+        state = check_resume(run_dir, "train_image.py")
         given = parse_overrides([a for a in argv if "=" in a and not a.startswith("-")])
         given.pop("resume", None)  # the saved config, plus what this command line changes
         cfg = load_config("image", config=run_dir / "config.yaml", overrides=given)
         cfg["_name"] = run_dir.name
-        return train(cfg, run_dir=run_dir)
+        if state["step"] >= cfg["n_epochs"]:
+            raise ConfigError(f"{run_dir} already finished {state['step']} steps; "
+                              f"raise n_epochs above {state['step']} to train further")
+        return train(cfg, run_dir=run_dir, state=state)
     return train(cfg)
 
 

@@ -22,7 +22,7 @@ def main(argv=None):
     parser.add_argument("--out", required=True, help="output folder, e.g. pretrained_nla_models/<name>")
     parser.add_argument("--config", default=None, help="a YAML file overriding configs/nla_config.yaml")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)  # key=value anywhere
     cfg = load_config("nla", config=args.config, overrides=args.overrides)
     return train(cfg, args.video, args.masks, args.out)
 

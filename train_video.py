@@ -2,14 +2,17 @@
 
     python train_video.py --example_config car-turn_winter.yaml
     python train_video.py --example_config blackswan_gold.yaml n_epochs=500
+    python train_video.py resume=results/car-turn_winter-20260101-120000
     python train_video.py render_background=results/car-turn_winter-.../model.pt \
                           render_foreground=results/car-turn_rusty-.../model.pt
 """
 
 import sys
+from pathlib import Path
 
 from util.cli import run_cli
-from util.config import command_line
+from util.config import ConfigError, command_line, load_config, parse_overrides
+from util.training_loop import check_resume
 from util.video_training import render, train
 
 
@@ -18,6 +21,20 @@ def main(argv=None):
     cfg = command_line("video", __doc__.strip().splitlines()[0], argv)
     if cfg["render_foreground"] or cfg["render_background"]:
         return render(cfg)
+    if cfg["resume"] is not None:
+        run_dir = Path(cfg["resume"])
+        state = check_resume(run_dir, "train_video.py")
+        if "layer" not in state:
+            raise ConfigError(f"resume={run_dir} is not a video run (no atlas layer in its checkpoint); "
+                              "resume image runs with train_image.py")
+        given = parse_overrides([a for a in argv if "=" in a and not a.startswith("-")])
+        given.pop("resume", None)  # the saved config, plus what this command line changes
+        cfg = load_config("video", config=run_dir / "config.yaml", overrides=given)
+        cfg["_name"] = run_dir.name
+        if state["step"] >= cfg["n_epochs"]:
+            raise ConfigError(f"{run_dir} already finished {state['step']} steps; "
+                              f"raise n_epochs above {state['step']} to train further")
+        return train(cfg, run_dir=run_dir, state=state)
     return train(cfg)
 
 

@@ -10,7 +10,6 @@ cuda_max_allocated_mb (on GPU) and clip_image_passes_per_step.
 
 import argparse
 import json
-import os
 import random
 import resource
 import statistics
@@ -56,7 +55,7 @@ def main():
     dataset = ImageDataset(image, cfg)
     rng, torch_gen = random.Random(0), torch.Generator().manual_seed(0)
 
-    times, passes = [], 0
+    times = []
     for step in range(1, args.steps + args.warmup + 1):  # step 0 (source joins the batch) is left out
         if step == args.warmup + 1:
             loss_fn.image_passes = 0
@@ -65,7 +64,7 @@ def main():
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        train_step(generator, optimizer, loss_fn, dataset.sample(step, rng), step, cfg["lr"], rng, torch_gen)
+        train_step(generator, optimizer, loss_fn, dataset.sample(step, rng), step, rng, torch_gen)
         if device.type == "cuda":
             torch.cuda.synchronize()
         if step > args.warmup:

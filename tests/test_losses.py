@@ -1,6 +1,5 @@
 """Each loss is zero (or minimal) where it must be, and gradients go where they must."""
 
-import random
 
 import pytest
 import torch

@@ -115,7 +115,7 @@ def test_a_model_from_before_the_official_unet_still_renders(cat_photo, tmp_path
     image = torch.from_numpy(np.array(Image.open(out / "final" / "input.png"))).permute(2, 0, 1)[None] / 255
     with torch.no_grad():
         alpha = old(image)[:, 3]
-    saved = torch.from_numpy(np.asarray(Image.open(out / "final" / "alpha.png"))).float() / 255
+    saved = torch.from_numpy(np.array(Image.open(out / "final" / "alpha.png"))).float() / 255
     assert (saved - alpha[0]).abs().max() < 1.5 / 255
     broken = {"generator": {"head.weight": torch.zeros(1)}, "generator_config": arch}
     torch.save(broken, tmp_path / "broken.pt")

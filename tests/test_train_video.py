@@ -216,3 +216,42 @@ def test_video_crops_are_colour_jittered_with_jitter_p(overrides):
     video_step(generator, video, loss, 1, random.Random(0), torch.Generator().manual_seed(0), None)
     assert _find_crop(inputs[0], video.atlas) is not None
     assert _find_crop(inputs[1], video.layer_frames) is not None
+
+
+def test_video_interrupt_then_resume_matches_an_uninterrupted_run(overrides, monkeypatch, tmp_path):
+    """Ctrl-C saves a checkpoint (the unfinished step's randomness rolled back) and resume=
+    continues to exactly the result of a run that went straight through."""
+    import util.video_training as vt
+    args = ["--example_config", "car-turn_winter", *overrides, "n_epochs=5", "log_images_freq=2"]
+    straight = Path(train_video.main(args))
+
+    calls = {"n": 0}
+    original = vt.video_step
+
+    def interrupted(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return original(*a, **k)
+
+    monkeypatch.setattr(vt, "video_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_video.main(args)
+    monkeypatch.setattr(vt, "video_step", original)
+    results = straight.parent
+    broken = [d for d in results.iterdir() if d != straight][0]
+    assert not (broken / "final").exists() and not (broken / "model.pt").exists()
+    state = torch.load(broken / "checkpoints" / "last.pt", weights_only=False)
+    assert state["step"] == 3 and state["layer"] == "background"
+
+    resumed = Path(train_video.main([f"resume={broken}"]))
+    assert resumed == broken and (broken / "final" / "edited.mp4").is_file()
+    rows = (broken / "losses.csv").read_text().strip().splitlines()[1:]
+    assert [int(r.split(",")[0]) for r in rows] == [1, 2, 3, 4, 5]
+    wa = torch.load(straight / "model.pt", weights_only=False)["generator"]
+    wb = torch.load(broken / "model.pt", weights_only=False)["generator"]
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+    with pytest.raises(Exception, match="already finished"):
+        train_video.main([f"resume={broken}"])
+    with pytest.raises(Exception, match="not a run folder"):
+        train_video.main([f"resume={tmp_path}"])

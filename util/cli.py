@@ -8,6 +8,7 @@ from models.nla import CheckpointError
 from models.tokenizer import PromptTooLongError
 from util.config import ConfigError
 from util.image_io import InputError
+from util.training_loop import SaveError
 
 USER_ERRORS = (ConfigError, InputError, DownloadError, FileNotFoundError, PromptTooLongError,
                CheckpointError)
@@ -18,12 +19,16 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 
 def run_cli(main, argv=None):
-    """Call main(argv); bad input exits with status 2 and a one-line 'error: ...' message."""
+    """Call main(argv); bad input exits with status 2 and a one-line 'error: ...' message, a
+    failed write (a full disk) with status 1 and one line saying what failed."""
     warnings.formatwarning = _one_line_warning
     try:
         main(argv)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except SaveError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)

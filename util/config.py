@@ -75,7 +75,8 @@ RULES = {
     "device": dict(type="str", pattern=r"auto|cpu|cuda(:\d+)?|mps"),
     "seed": dict(type="int", min=-1),
     "mixed_precision": dict(type="str", choices=["auto", "bf16", "off"]),
-    "n_epochs": dict(type="int", min=0),
+    "n_epochs": dict(type="int", min=1),
+    "max_megapixels": dict(type="float", min=0.0, exclusive_min=True),
     "log_images_freq": dict(type="int", min=1),
     "comp_text": dict(type="text", nullable=True),
     "src_text": dict(type="text", nullable=True),
@@ -313,7 +314,7 @@ def command_line(kind: str, description: str, argv=None):
     parser.add_argument("--example_config", default=None,
                         help=f"example config name in configs/{kind}_example_configs/, or a path")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="override any config key")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value before, between or after the --options
     return load_config(kind, args.config, args.example_config, args.overrides)
 
 

@@ -16,12 +16,10 @@ atlas_edited.png, atlas_edit_layer.png, side_by_side.mp4 (input | edit over gree
 import hashlib
 import math
 import random
-import shutil
 import warnings
 from pathlib import Path
 
 import torch
-import yaml
 from tqdm import tqdm
 
 from datasets.image_dataset import colour_jitter
@@ -34,8 +32,9 @@ from util.atlas import AtlasBox, bounding_box, discretize_atlas, frame_maps, sam
 from util.clip_loss import Text2LiveLoss
 from util.config import ConfigError, check_texts, public
 from util.image_io import resolve_data_path, save_png
-from util.image_training import (LossLog, load_generator, make_generator, make_optimizer, new_run_dir,
-                                 pick_device, plot_losses, resolve_seed, save_atomic)
+from util.image_training import load_generator, make_generator
+from util.training_loop import (fit, load_checkpoint, make_optimizer, new_run_dir, pick_device, replace_folder,
+                                resolve_seed, save_atomic, seed_run)
 from util.precision import autocast
 
 
@@ -249,25 +248,24 @@ def composite_layers(frames, edit_layers: list):
 
 
 def save_video_outputs(folder: Path, frames, edit_layers: list, fps: int, atlases: dict | None = None):
-    """Write final/-style outputs into `folder` (built in a temporary folder, then renamed)."""
-    tmp = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    """Write final/-style outputs into `folder` (built in a temporary folder, then swapped in)."""
     output = composite_layers(frames, edit_layers)
     # all edit layers as one RGBA layer: opacity 1 - prod(1 - alpha_i), colour un-premultiplied
     opacity = 1 - torch.stack([1 - layer[:, 3:] for layer in edit_layers]).prod(dim=0)
     premultiplied = composite_layers(torch.zeros_like(frames), edit_layers)
     top = torch.cat([premultiplied / opacity.clamp(min=1e-6), opacity], dim=1)
     green = losses.over_green(top[:, :3], top[:, 3:])
-    write_video(output, tmp / "edited.mp4", fps)
-    write_video(green, tmp / "edit_layer_green.mp4", fps)
-    write_video(torch.cat([frames, green, output], dim=-1), tmp / "side_by_side.mp4", fps)
-    for t in range(frames.shape[0]):
-        save_png(output[t:t + 1], tmp / "frames" / f"{t:05d}.png")
-        save_png(top[t:t + 1], tmp / "edit_layer_rgba" / f"{t:05d}.png")
-    for name, image in (atlases or {}).items():
-        save_png(image, tmp / f"{name}.png")
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+
+    def write(tmp):
+        write_video(output, tmp / "edited.mp4", fps)
+        write_video(green, tmp / "edit_layer_green.mp4", fps)
+        write_video(torch.cat([frames, green, output], dim=-1), tmp / "side_by_side.mp4", fps)
+        for t in range(frames.shape[0]):
+            save_png(output[t:t + 1], tmp / "frames" / f"{t:05d}.png")
+            save_png(top[t:t + 1], tmp / "edit_layer_rgba" / f"{t:05d}.png")
+        for name, image in (atlases or {}).items():
+            save_png(image, tmp / f"{name}.png")
+    replace_folder(write, folder)
 
 
 def atlas_images(video: VideoAtlas, atlas_edit):
@@ -276,49 +274,47 @@ def atlas_images(video: VideoAtlas, atlas_edit):
             "atlas_edit_layer": atlas_edit}
 
 
-def train(cfg: dict) -> Path:
+def train(cfg: dict, run_dir: Path | None = None, state: dict | None = None) -> Path:
+    """Edit one atlas layer of cfg's video; return the run folder. run_dir and its checkpoint
+    state given: resume there."""
     check_video_config(cfg)
     device = pick_device(cfg["device"])
     layer = "foreground" if cfg["finetune_foreground"] else "background"
     video = VideoAtlas(cfg, layer, device)
     clip = load_clip(cfg["clip_model_name"], device)
     loss_fn = Text2LiveLoss(clip, cfg, device)
-    cfg["seed"] = resolve_seed(cfg["seed"])
-    torch.manual_seed(cfg["seed"])
-    rng, torch_gen = random.Random(cfg["seed"]), torch.Generator().manual_seed(cfg["seed"])
-    generator = make_generator(cfg).to(device)
+    cfg["seed"] = state["config"]["seed"] if state is not None else resolve_seed(cfg["seed"])
+    rng, torch_gen = seed_run(cfg["seed"])
+    if state is not None:
+        generator = load_generator(state["generator_config"], state["generator"],
+                                   run_dir / "checkpoints" / "last.pt").to(device)
+    else:
+        generator = make_generator(cfg).to(device)
+        run_dir = new_run_dir(cfg)
     optimizer = make_optimizer(generator.parameters(), cfg)
-    lr = cfg["lr"]
 
-    run_dir = new_run_dir(cfg)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(public(cfg), sort_keys=False))
-    log = LossLog(run_dir / "losses.csv")
-    n_steps = cfg["n_epochs"]
-    bar = tqdm(range(n_steps), desc=run_dir.name, dynamic_ncols=True)
-    for step in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+    def step_fn(step, rng, torch_gen):
         optimizer.zero_grad(set_to_none=True)
         total, terms = video_step(generator, video, loss_fn, step, rng, torch_gen, loss_fn.precision)
         total.backward()
         optimizer.step()
-        done = step + 1
-        log.write({"step": done, "total": float(total.detach()), "lr": lr, **terms})
-        if cfg["scheduler_policy"] == "exponential":
-            lr = max(cfg["min_lr"], cfg["gamma"] * lr)
-        bar.set_postfix(loss=f"{float(total.detach()):.4f}", lr=f"{lr:.2e}")
-        if done % cfg["log_images_freq"] == 0 and done < n_steps:
-            atlas_edit, layers = edit_video(generator, video, cfg["multiply_foreground_alpha"])
-            folder = run_dir / "intermediate" / f"step_{done:05d}"
-            for name, image in atlas_images(video, atlas_edit).items():
-                save_png(image, folder / f"{name}.png")
-            mid = video.n_frames // 2
-            save_png(composite_layers(video.frames[mid:mid + 1], [layers[mid:mid + 1]]), folder / f"frame_{mid:05d}.png")
-            if done >= cfg["save_model_starting_epoch"]:
-                save_atomic(model_state(generator, cfg, video), run_dir / "checkpoints" / f"generator_step_{done:05d}.pt")
-    bar.close()
-    log.close()
-    plot_losses(run_dir / "losses.csv", run_dir / "loss_curve.png")
+        return float(total.detach()), terms
+
+    def snapshot_fn(folder, step):
+        atlas_edit, layers = edit_video(generator, video, cfg["multiply_foreground_alpha"])
+        mid = video.n_frames // 2
+        images = {**atlas_images(video, atlas_edit),
+                  f"frame_{mid:05d}": composite_layers(video.frames[mid:mid + 1], [layers[mid:mid + 1]])}
+
+        def write(tmp):
+            for name, image in images.items():
+                save_png(image, tmp / f"{name}.png")
+        replace_folder(write, folder)
+        if step >= cfg["save_model_starting_epoch"]:
+            save_atomic(model_state(generator, cfg, video), run_dir / "checkpoints" / f"generator_step_{step:05d}.pt")
+
+    fit(cfg, run_dir, generator, optimizer, step_fn, snapshot_fn, rng, torch_gen, "train_video.py", state,
+        extra_state={"layer": layer})
     save_atomic(model_state(generator, cfg, video), run_dir / "model.pt")
     atlas_edit, layers = edit_video(generator, video, cfg["multiply_foreground_alpha"])
     save_video_outputs(run_dir / "final", video.frames, [layers], cfg["fps"], atlas_images(video, atlas_edit))
@@ -333,7 +329,7 @@ def model_state(generator, cfg, video: VideoAtlas) -> dict:
 
 def render(cfg: dict) -> Path:
     """Apply saved background and/or foreground edits (model.pt files) together to their video."""
-    device = pick_device(cfg["device"])
+    device = pick_device(cfg["device"], "rendering")
     edits, frames = [], None
     for key in ("render_background", "render_foreground"):  # background below, foreground on top
         if not cfg[key]:
@@ -342,8 +338,8 @@ def render(cfg: dict) -> Path:
         path = path / "model.pt" if path.is_dir() else path
         if not path.is_file():
             raise ConfigError(f"{key}={cfg[key]}: no model.pt there; give a video run folder or its model.pt")
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        if "layer" not in state:
+        state = load_checkpoint(path, "video edit")
+        if "layer" not in state or "generator" not in state:
             raise ConfigError(f"{path} is not a video edit (no atlas layer recorded); use a train_video.py model.pt")
         saved = state["config"]
         video = VideoAtlas({**saved, "device": cfg["device"]}, state["layer"], device)
