@@ -58,6 +58,33 @@ def _skimage_photo(name: str) -> np.ndarray:
     return np.asarray(loader())
 
 
+def _png_bit_depth(path) -> int | None:
+    """Bits per sample of a PNG file (from its IHDR chunk), or None for other files."""
+    with open(path, "rb") as f:
+        head = f.read(26)
+    if len(head) < 26 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+        return None
+    return head[24]
+
+
+def _read_png_16bit(path, img) -> torch.Tensor:
+    """A 16-bit RGB(A) PNG (which PIL reads as 8 bits): read at full depth, scaled by 1/65535."""
+    import cv2
+    array = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    name = Path(path).name
+    if array is None or array.dtype != np.uint16 or array.ndim != 3:
+        warnings.warn(f"{name}: 16-bit PNG read with 8 bits per channel")
+        return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+    array = array[..., 2::-1].astype(np.float32) / 65535.0  # BGR(A) -> RGB
+    if img.mode == "RGBA":
+        alpha = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)[..., 3:4].astype(np.float32) / 65535.0
+        array = array * alpha + (1 - alpha)
+        warnings.warn(f"{name}: 16-bit RGBA PNG scaled by 1/65535, transparency composited over white")
+    else:
+        warnings.warn(f"{name}: 16-bit RGB PNG scaled by 1/65535")
+    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)[None]
+
+
 def read_image(path) -> torch.Tensor:
     """An RGB image in [0, 1] as [1, 3, H, W] float32.
 
@@ -83,6 +110,8 @@ def read_image(path) -> torch.Tensor:
             raise InputError(f"image_path {path} is not a readable image ({type(e).__name__}); "
                              "use a JPEG or PNG file") from e
         img = ImageOps.exif_transpose(img)
+        if img.mode in ("RGB", "RGBA") and _png_bit_depth(path) == 16:
+            return _read_png_16bit(path, img)
     name = Path(path).name
 
     mode = img.mode
