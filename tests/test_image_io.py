@@ -69,3 +69,13 @@ def test_save_png_round_trip(tmp_path):
     assert back.shape == (9, 11, 4)
     assert np.abs(back / 255.0 - rgba[0].permute(1, 2, 0).numpy()).max() <= 0.5 / 255 + 1e-6
     assert not list((tmp_path / "a").glob("*.part*"))
+
+
+def test_16_bit_rgb_png_is_read_at_full_depth_with_a_warning(tmp_path):
+    import cv2
+    rgb = (np.random.default_rng(0).random((12, 20, 3)) * 65535).astype(np.uint16)
+    cv2.imwrite(str(tmp_path / "deep.png"), rgb[..., ::-1])  # OpenCV writes BGR
+    with pytest.warns(UserWarning, match="16-bit RGB"):
+        image = read_image(tmp_path / "deep.png")
+    assert image.shape == (1, 3, 12, 20)
+    assert torch.allclose(image[0].permute(1, 2, 0), torch.from_numpy(rgb.astype(np.float32) / 65535), atol=1e-6)
