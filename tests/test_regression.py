@@ -1,0 +1,57 @@
+"""Pinned tiny runs: the same seed gives the same loss curve and output on CPU.
+
+Refactoring (moving code between files, merging loops) must not change what a run computes.
+The numbers below were recorded from this code; float32 throughout (mixed_precision=off), so
+they do not depend on whether the CPU has bfloat16 units. Set TEXT2LIVE_PRINT_PINNED=1 to
+print fresh values after an intended change of behaviour.
+"""
+
+import csv
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import train_image
+import train_video
+
+PRINT = os.environ.get("TEXT2LIVE_PRINT_PINNED") == "1"
+
+IMAGE_TOTALS = [4.571633338928223, 4.358784198760986, 4.209208011627197, 3.9525349140167236, 4.071597099304199,
+                3.6641857624053955]
+IMAGE_COMPOSITE_MEAN = [122.75971739969135, 20.831486367138396]
+VIDEO_TOTALS = [3.4320077896118164, 3.6208560466766357, 3.664930820465088, 3.5437963008880615]
+VIDEO_FRAME_MEAN = [103.77473958333333, 45.64925197263751]
+
+
+def totals(run_dir):
+    with open(run_dir / "losses.csv") as f:
+        return [float(r["total"]) for r in csv.DictReader(f)]
+
+
+def check(name, got, pinned, rel):
+    if PRINT or pinned is None:
+        print(f"{name} = {[float(v) for v in got]!r}")
+        if pinned is None:
+            pytest.fail(f"{name} is not pinned yet: {got!r}")
+        return
+    assert np.allclose(got, pinned, rtol=rel, atol=1e-6), f"{name}: {got} != pinned {pinned}"
+
+
+def test_tiny_image_run_is_pinned(tiny_overrides):
+    run_dir = Path(train_image.main(["--example_config", "golden_horse.yaml", *tiny_overrides, "n_epochs=6",
+                                     "log_images_freq=3", "relevancy_num_layers=9", "bootstrap_epoch=4",
+                                     "mixed_precision=off"]))
+    check("IMAGE_TOTALS", totals(run_dir), IMAGE_TOTALS, 1e-4)
+    composite = np.asarray(Image.open(run_dir / "final" / "composite.png")).astype(np.float64)
+    check("IMAGE_COMPOSITE_MEAN", [composite.mean(), composite.std()], IMAGE_COMPOSITE_MEAN, 1e-3)
+
+
+def test_tiny_video_run_is_pinned(tiny_video_overrides):
+    run_dir = Path(train_video.main(["--example_config", "blackswan_gold", *tiny_video_overrides,
+                                     "mixed_precision=off", "n_epochs=4"]))
+    check("VIDEO_TOTALS", totals(run_dir), VIDEO_TOTALS, 1e-4)
+    frame = np.asarray(Image.open(run_dir / "final" / "frames" / "00002.png")).astype(np.float64)
+    check("VIDEO_FRAME_MEAN", [frame.mean(), frame.std()], VIDEO_FRAME_MEAN, 1e-3)
