@@ -9,8 +9,12 @@ differentiable w.r.t. the input image:
   - any input size and aspect ratio, by bicubic interpolation of the position embeddings.
 """
 
+import io
 import math
 import os
+import pickle
+import pickletools
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from util.downloads import DownloadError, fetch_verified
+from util.downloads import DownloadError, cache_dir, fetch_verified
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -311,37 +315,132 @@ def random_clip(preset: str = "ViT-B/32", seed: int = 0) -> CLIP:
     return CLIP(**PRESETS[preset])
 
 
+class ClipFileError(DownloadError, ValueError):
+    """clip_model_name names a file that is not a usable CLIP checkpoint.
+
+    The message is one line saying what the file is and what to pass instead. Being a
+    DownloadError, command-line entry points report it as a user error (exit status 2).
+    """
+
+
+USE_VIT = "set clip_model_name=ViT-B/32 (downloaded once) or to the path of OpenAI's ViT-B-32.pt"
+
+# The keys every OpenAI CLIP ViT state dict has (ResNet CLIP models have no visual.conv1 etc.)
+_CLIP_VIT_KEYS = ("visual.conv1.weight", "visual.positional_embedding", "visual.proj", "text_projection",
+                  "positional_embedding", "token_embedding.weight", "ln_final.weight")
+# Scalars the released files carry next to the weights
+_CLIP_SCALARS = ("input_resolution", "context_length", "vocab_size")
+# Top-level keys of Neural Layered Atlas checkpoints (the official names and this project's)
+_NLA_KEYS = ("model_F_mapping1_state_dict", "model_F_mapping2_state_dict", "F_atlas_state_dict",
+             "model_F_alpha_state_dict", "model_alpha_state_dict")
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def _one_line(text, limit: int = 160) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _some_keys(keys, n: int = 3) -> str:
+    keys = [str(k) for k in keys]
+    shown = ", ".join(repr(_one_line(k, 60)) for k in keys[:n])
+    return shown + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
+def _known_other_checkpoint(keys) -> str | None:
+    """What a checkpoint with these top-level keys is, when it is a known kind that is not a CLIP ViT."""
+    keys = {str(k) for k in keys}
+    if "generator" in keys and keys & {"generator_config", "optimizer", "step", "config", "layer"}:
+        if "optimizer" in keys:
+            return "a Text2LIVE training checkpoint (checkpoints/last.pt of a train_image.py run)"
+        if "layer" in keys:
+            return "a Text2LIVE video edit (a model.pt from train_video.py)"
+        return "a Text2LIVE generator (a model.pt from train_image.py)"
+    if keys & set(_NLA_KEYS) or "atlas_backend" in keys:
+        return ("a Neural Layered Atlas (a train_nla.py or pretrained_nla_models/ checkpoint, "
+                "which a video config takes as checkpoint_path)")
+    if any(k.startswith(("visual.layer1.", "visual.attnpool.")) for k in keys):
+        return "a ResNet CLIP; ResNet CLIP models are not supported, use a ViT model"
+    if any(k.startswith("vision_model.") for k in keys) and any(k.startswith("text_model.") for k in keys):
+        return "a Hugging Face transformers CLIP, whose parameter names are not OpenAI's"
+    return None
+
+
+def _why_not_clip(obj) -> str | None:
+    """None when obj looks like an OpenAI CLIP ViT state dict, else why it is not one."""
+    if not isinstance(obj, dict):
+        return f"it holds a {type(obj).__name__}, not a state dict"
+    if not obj:
+        return "it holds an empty dict"
+    known = _known_other_checkpoint(obj)
+    if known is not None:
+        return f"it holds {known}"
+    missing = [k for k in _CLIP_VIT_KEYS if k not in obj]
+    if not missing:
+        odd = [k for k, v in obj.items() if not torch.is_tensor(v) and k not in _CLIP_SCALARS]
+        if odd:
+            return f"its entry {_some_keys(odd, 1)} is a {type(obj[odd[0]]).__name__}, not a tensor"
+        return None
+    if len(missing) < len(_CLIP_VIT_KEYS):
+        return f"it lacks the CLIP ViT keys {_some_keys(missing)}"
+    if all(torch.is_tensor(v) for v in obj.values()):
+        return f"it holds the weights of another model ({len(obj)} tensors: {_some_keys(list(obj))})"
+    return f"it holds a dict of other data (keys {_some_keys(list(obj))})"
+
+
+def _unwrap(obj):
+    """The state dict inside common wrappers ({'state_dict': ...}, {'model': ...}, 'module.' names)."""
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if isinstance(obj, dict) and obj and all(isinstance(k, str) and k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
 def _count_blocks(state_dict, prefix):
     return len({k.split(".")[len(prefix.split("."))] for k in state_dict
                 if k.startswith(prefix) and k.endswith(".attn.in_proj_weight")})
 
 
-def build_model(state_dict: dict) -> CLIP:
-    """Build a CLIP whose architecture is read off the tensor shapes, and load the weights."""
-    required = ["visual.conv1.weight", "visual.positional_embedding", "visual.proj",
-                "text_projection", "positional_embedding", "token_embedding.weight", "ln_final.weight"]
-    for key in required:
-        if key not in state_dict:
-            raise ValueError(f"not an OpenAI CLIP ViT checkpoint: key '{key}' is missing "
-                             "(ResNet CLIP models are not supported; use a ViT model)")
-    conv = state_dict["visual.conv1.weight"]
-    vision_width, patch = conv.shape[0], conv.shape[-1]
-    grid = int(round(math.sqrt(state_dict["visual.positional_embedding"].shape[0] - 1)))
-    transformer_width = state_dict["ln_final.weight"].shape[0]
-    model = CLIP(
-        embed_dim=state_dict["text_projection"].shape[1],
-        image_resolution=patch * grid,
-        vision_layers=_count_blocks(state_dict, "visual.transformer.resblocks"),
-        vision_width=vision_width,
-        vision_patch_size=patch,
-        context_length=state_dict["positional_embedding"].shape[0],
-        vocab_size=state_dict["token_embedding.weight"].shape[0],
-        transformer_width=transformer_width,
-        transformer_heads=max(1, transformer_width // 64),
-        transformer_layers=_count_blocks(state_dict, "transformer.resblocks"),
-    )
-    weights = {k: v for k, v in state_dict.items()
-               if k not in ("input_resolution", "context_length", "vocab_size")}
+def build_model(state_dict: dict, source: str = "the checkpoint") -> CLIP:
+    """Build a CLIP whose architecture is read off the tensor shapes, and load the weights.
+
+    Anything that is not an OpenAI CLIP ViT state dict raises ClipFileError naming `source`.
+    """
+    problem = _why_not_clip(state_dict)
+    if problem is not None:
+        raise ClipFileError(f"{source} is not a CLIP ViT checkpoint: {problem}; {USE_VIT}")
+    weights = {k: v for k, v in state_dict.items() if k not in _CLIP_SCALARS}
+    try:
+        conv = state_dict["visual.conv1.weight"]
+        vision_width, patch = conv.shape[0], conv.shape[-1]
+        grid = int(round(math.sqrt(state_dict["visual.positional_embedding"].shape[0] - 1)))
+        transformer_width = state_dict["ln_final.weight"].shape[0]
+        model = CLIP(
+            embed_dim=state_dict["text_projection"].shape[1],
+            image_resolution=patch * grid,
+            vision_layers=_count_blocks(state_dict, "visual.transformer.resblocks"),
+            vision_width=vision_width,
+            vision_patch_size=patch,
+            context_length=state_dict["positional_embedding"].shape[0],
+            vocab_size=state_dict["token_embedding.weight"].shape[0],
+            transformer_width=transformer_width,
+            transformer_heads=max(1, transformer_width // 64),
+            transformer_layers=_count_blocks(state_dict, "transformer.resblocks"),
+        )
+    except (IndexError, RuntimeError, ValueError, TypeError, ZeroDivisionError) as e:
+        raise ClipFileError(f"{source} does not fit a CLIP ViT (its tensor shapes give no valid architecture: "
+                            f"{type(e).__name__}); {USE_VIT}") from e
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    misshaped = [k for k in expected if k in weights and tuple(weights[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or misshaped:
+        parts = [f"{label} {_some_keys(keys, 2)}" for label, keys in
+                 (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)) if keys]
+        raise ClipFileError(f"{source} does not fit a CLIP ViT ({', '.join(parts)}): a modified CLIP or "
+                            f"another model; {USE_VIT}")
     model.load_state_dict(weights, strict=True)
     return model
 
@@ -353,44 +452,180 @@ def _is_torchscript(path: Path) -> bool:
         return any("/code/" in name or name.startswith("code/") for name in archive.namelist())
 
 
-def read_state_dict(path) -> dict:
-    """State dict from a TorchScript archive (as OpenAI ships) or a plain torch.save file."""
-    path = Path(path)
+def _fetch_again(path: Path) -> str:
+    """How to get a good copy of a damaged file: a cached download is deleted and fetched anew."""
     try:
-        if _is_torchscript(path):
-            state_dict = torch.jit.load(str(path), map_location="cpu").state_dict()
+        cached = path.resolve().parent == cache_dir().resolve()
+    except OSError:
+        cached = False
+    if cached:
+        return f"delete the cached file {path} so it is downloaded again"
+    return f"download it again, or {USE_VIT}"
+
+
+def _text_file(head: bytes) -> str | None:
+    """What a file that starts with `head` is and what to do, if it is text (None for binary files)."""
+    if b"\x00" in head:
+        return None
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start < len(head) - 4:  # not just a character cut off at the end of the head
+            return None
+        text = head[:e.start].decode("utf-8")
+    start = text.lstrip().lower()
+    if start.startswith("version https://git-lfs"):
+        return ("a Git LFS pointer (a small text file standing in for the weights), not a checkpoint; "
+                "run `git lfs pull` or download the file itself")
+    if start.startswith(("<!doctype html", "<html")):
+        return f"an HTML page, not a checkpoint (a failed download?); download the file again, or {USE_VIT}"
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    return f"a text file, not a checkpoint (it begins {_one_line(first, 40)!r}); {USE_VIT}"
+
+
+def _pickled_strings(path: Path, limit: int = 64 << 20) -> set:
+    """The strings in a checkpoint's pickles, found by parsing the opcodes: nothing is unpickled,
+    so no code from the file runs. Best effort: a damaged file gives what was read before."""
+    found = set()
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                infos = [i for i in archive.infolist() if i.filename.endswith("data.pkl") and i.file_size <= limit]
+                data = archive.read(infos[0]) if infos else b""
         else:
-            state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt or foreign file: say which and why, in one line
-        raise ValueError(f"cannot read CLIP checkpoint {path}: {type(e).__name__}: {e}".splitlines()[0]) from e
-    for key in ("state_dict", "model"):
-        if isinstance(state_dict, dict) and key in state_dict and isinstance(state_dict[key], dict):
-            state_dict = state_dict[key]
+            with open(path, "rb") as f:
+                data = f.read(limit)
+        stream = io.BytesIO(data)
+        for _ in range(4):  # the legacy format: magic number, protocol, system info, the object
+            if stream.tell() >= len(data):
+                break
+            for _opcode, arg, _pos in pickletools.genops(stream):
+                if isinstance(arg, str):
+                    found.add(arg)
+    except Exception:  # a damaged pickle: keep what was found
+        pass
+    return found
+
+
+def _load_failure(e: Exception) -> str:
+    """torch's reason for not reading a file, in a few words and never its unsafe-loading advice."""
+    first = _one_line(str(e).strip().splitlines()[0] if str(e).strip() else "", 100)
+    if not first or "weights_only" in first or "weights only" in first.lower():
+        return type(e).__name__
+    return f"{type(e).__name__}: {first}"
+
+
+def read_state_dict(path, source: str | None = None) -> dict:
+    """State dict from a TorchScript archive (as OpenAI ships) or a plain torch.save file.
+
+    Plain files are unpickled with weights_only=True: only tensors and plain containers, no
+    code from the file. Anything else raises ClipFileError with one line naming `source`
+    (default: the path), what the file is and what to do.
+    """
+    path = Path(path)
+    source = source or str(path)
+    again = _fetch_again(path)
+    if path.is_dir():
+        raise ClipFileError(f"{source} is a folder, not a checkpoint file; {USE_VIT}")
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError as e:
+        raise ClipFileError(f"{source} cannot be read ({_one_line(e.strerror or e, 80)}); "
+                            "check that it is a readable file") from e
+    if size == 0:
+        raise ClipFileError(f"{source} is an empty file (0 bytes), not a checkpoint; {again}")
+
+    torchscript = False
+    if head.startswith(_ZIP_MAGIC) or zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError, EOFError):
+            raise ClipFileError(f"{source} is truncated or corrupt (a zip archive without its end, "
+                                f"{size} bytes); {again}") from None
+        torchscript = any("/code/" in name or name.startswith("code/") for name in names)
+        if not any(name == "data.pkl" or name.endswith("/data.pkl") for name in names):
+            raise ClipFileError(f"{source} is a zip archive but not a PyTorch checkpoint (no data.pkl inside); "
+                                f"{USE_VIT}")
+    elif head[:1] != b"\x80":  # neither a zip archive nor a binary pickle (torch's legacy format)
+        text = _text_file(head)
+        if text is not None:
+            raise ClipFileError(f"{source} is {text}")
+        raise ClipFileError(f"{source} is not a PyTorch checkpoint (neither a zip archive nor a pickle); {USE_VIT}")
+
+    try:
+        with warnings.catch_warnings():  # torch's notes on odd pickles: the error below says it all
+            warnings.simplefilter("ignore")
+            if torchscript:
+                state_dict = torch.jit.load(str(path), map_location="cpu").state_dict()
+            else:
+                state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only" not in str(e).lower():
+            raise ClipFileError(f"{source} is truncated or corrupt ({_load_failure(e)}); {again}") from None
+        # Python objects besides tensors: never unpickled (that could run code from the file).
+        known = _known_other_checkpoint(_pickled_strings(path))
+        if known is not None:
+            raise ClipFileError(f"{source} is not a CLIP ViT checkpoint: it holds {known}; {USE_VIT}") from None
+        raise ClipFileError(f"{source} is not a CLIP ViT checkpoint: it holds pickled Python objects, not only "
+                            "tensors, and is not unpickled since that could run code from the file; "
+                            f"{USE_VIT}") from None
+    except Exception as e:  # any failure to read: a damaged or foreign file
+        if "invalid magic number" in str(e).lower():
+            raise ClipFileError(f"{source} is a Python pickle but not a PyTorch checkpoint; {USE_VIT}") from None
+        raise ClipFileError(f"{source} is truncated or corrupt ({_load_failure(e)}); {again}") from e
+    state_dict = _unwrap(state_dict)
     if not isinstance(state_dict, dict):
-        raise ValueError(f"cannot read CLIP checkpoint {path}: expected a state dict, got {type(state_dict).__name__}")
+        raise ClipFileError(f"{source} is not a CLIP ViT checkpoint: it holds a {type(state_dict).__name__}, "
+                            f"not a state dict; {USE_VIT}")
     return dict(state_dict)
 
 
 def resolve_checkpoint(name_or_path: str) -> Path:
     """A released name ("ViT-B/32") -> cached/downloaded file; anything else must be a file."""
+    names = ", ".join(CLIP_CHECKPOINTS)
     if name_or_path in CLIP_CHECKPOINTS:
         filename = name_or_path.replace("/", "-") + ".pt"
-        return fetch_verified(filename, checkpoint_url(name_or_path), CLIP_CHECKPOINTS[name_or_path],
-                              desc=f"CLIP {name_or_path}")
+        url = checkpoint_url(name_or_path)
+        target = cache_dir() / filename
+        try:
+            return fetch_verified(filename, url, CLIP_CHECKPOINTS[name_or_path], desc=f"CLIP {name_or_path}")
+        except DownloadError as e:
+            if target.exists():  # a cached copy that fails its checksum: that message says to delete it
+                raise
+            reason = _one_line(getattr(e, "reason", None) or e, 120)
+            raise DownloadError(
+                f"CLIP {name_or_path} is not downloaded yet and could not be fetched ({reason}); download {url} "
+                f"on another machine and put {filename} at {target} (the folder is $TEXT2LIVE_CACHE when set), "
+                "or set clip_model_name=/path/to/file.pt to use any local CLIP ViT checkpoint") from e
     path = Path(os.path.expanduser(name_or_path))
     if path.is_file():
         return path
-    names = ", ".join(CLIP_CHECKPOINTS)
+    if path.is_dir():
+        raise FileNotFoundError(f"clip_model_name={name_or_path} is a folder; give the checkpoint file in it "
+                                f"(e.g. ViT-B-32.pt) or a released model ({names})")
+    if name_or_path.upper().startswith("RN") and "/" not in name_or_path and "." not in name_or_path:
+        raise FileNotFoundError(f"clip_model_name={name_or_path}: ResNet CLIP models are not supported; "
+                                f"use a ViT model ({names}) or the path of its .pt file")
+    hint = next((f" (for the released model write {name})" for name in CLIP_CHECKPOINTS
+                 if name_or_path in (name.replace("/", "-"), name.replace("/", "-") + ".pt")), "")
     raise FileNotFoundError(f"clip_model_name '{name_or_path}' is neither a released model ({names}) "
-                            "nor an existing file; fix clip_model_name")
+                            f"nor an existing file; fix clip_model_name{hint}")
 
 
 def load_clip(name_or_path: str = "ViT-B/32", device="cpu") -> CLIP:
     """A frozen CLIP in eval mode, float32, on `device`."""
-    model = build_model(read_state_dict(resolve_checkpoint(name_or_path)))
+    path = resolve_checkpoint(name_or_path)
+    if name_or_path in CLIP_CHECKPOINTS:
+        source = f"the cached CLIP {name_or_path} file {path}"
+    else:
+        source = f"clip_model_name={name_or_path}"
+    model = build_model(read_state_dict(path, source), source)
     model = model.float().eval().requires_grad_(False)
     return model.to(device)
 
 
 __all__ = ["CLIP", "ImageFeatures", "load_clip", "build_model", "read_state_dict", "random_clip",
-           "resolve_checkpoint", "checkpoint_url", "CLIP_MEAN", "CLIP_STD", "DownloadError"]
+           "resolve_checkpoint", "checkpoint_url", "CLIP_MEAN", "CLIP_STD", "DownloadError", "ClipFileError"]

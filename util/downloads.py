@@ -1,6 +1,7 @@
 """Cached, checksum-verified, atomic downloads (CLIP weights, the BPE vocabulary, sample data)."""
 
 import hashlib
+import http.client
 import os
 import tempfile
 import urllib.error
@@ -11,7 +12,17 @@ from tqdm import tqdm
 
 
 class DownloadError(RuntimeError):
-    pass
+    """A file could not be fetched or is damaged. The message is one line saying what to do;
+    `reason` (when set) is the short cause, for callers that write their own message."""
+
+    def __init__(self, message: str, reason: str | None = None):
+        super().__init__(message)
+        self.reason = reason
+
+
+def _one_line(text, limit: int = 200) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def cache_dir() -> Path:
@@ -46,13 +57,14 @@ def download(url: str, dest, sha256: str | None = None, desc: str | None = None)
                         tmp.write(chunk)
                         digest.update(chunk)
                         bar.update(len(chunk))
-        except (urllib.error.URLError, OSError, ValueError) as e:
-            reason = getattr(e, "reason", None) or e
-            raise DownloadError(f"could not download {url} ({reason}); download it by hand and place it at {dest}") from e
+        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
+            reason = _one_line(getattr(e, "reason", None) or e, 120)
+            raise DownloadError(f"could not download {url} ({reason}); download it by hand and place it at {dest}",
+                                reason=reason) from e
         tmp.close()
         if sha256 is not None and digest.hexdigest() != sha256:
             raise DownloadError(f"checksum mismatch for {url}: expected sha256 {sha256}, got {digest.hexdigest()}; "
-                                "the file was discarded")
+                                "the file was discarded", reason="the downloaded file failed its sha256 check")
         os.replace(tmp.name, dest)
         return dest
     finally:
@@ -67,7 +79,7 @@ def fetch_verified(filename: str, url: str, sha256: str, desc: str | None = None
     if path.exists():
         actual = sha256_file(path)
         if actual != sha256:
-            raise DownloadError(f"cached file {path} does not match its expected sha256 {sha256} "
-                                f"(got {actual}); delete it so it can be downloaded again")
+            raise DownloadError(f"cached file {path} is corrupt or incomplete: it does not match its expected "
+                                f"sha256 {sha256} (got {actual}); delete it so it is downloaded again")
         return path
     return download(url, path, sha256, desc)
