@@ -6,11 +6,10 @@ Trains with the configured settings (configs/nla_config.yaml + overrides) until 
 spent, then prints one JSON line: wall time, steps, reconstruction PSNR over all frames (and on
 and off the masks), and the flow warp error of a checkerboard edit mapped through the atlases
 to the frames, between consecutive frames and between frames 4 apart (drift), with the input
-video's own for scale.
+video's own for scale. Values that are not finite (the PSNR on an empty mask) are written as null.
 """
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -20,11 +19,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from util.cli import run_cli  # noqa: E402
 from util.config import load_config  # noqa: E402
 from util.flow import video_flows  # noqa: E402
 from util.image_training import pick_device  # noqa: E402
 from util.nla_training import (VideoData, build_model, checkerboard_video, flow_warp_error,  # noqa: E402
-                               prepare_training, psnr, reconstruct, sample_pixels, save_previews)
+                               prepare_training, psnr, reconstruct, sample_pixels, save_previews,
+                               strict_json)
 
 
 def synchronize(device):
@@ -32,7 +33,7 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--video", required=True)
     parser.add_argument("--masks", default=None)
@@ -46,7 +47,7 @@ def main():
     parser.add_argument("--work", default=None, help="folder for the flow cache (default: a temporary one)")
     parser.add_argument("--previews", default=None, help="also save the final previews (train_nla.py's) here")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     cfg = load_config("nla", config=args.config, overrides=[f"resx={args.resx}", f"resy={args.resy}", *args.overrides])
     device = pick_device(cfg["device"])
     start = time.time()
@@ -69,8 +70,8 @@ def main():
             if args.log_minutes and time.time() - start - paused >= next_log:
                 synchronize(device)
                 began = time.time()
-                print(json.dumps({"minutes": round(next_log / 60, 2), "steps": steps,
-                                  "psnr_db": round(psnr(reconstruct(nla), frames), 2)}), file=sys.stderr, flush=True)
+                print(strict_json({"minutes": round(next_log / 60, 2), "steps": steps,
+                                   "psnr_db": round(psnr(reconstruct(nla), frames), 2)}), file=sys.stderr, flush=True)
                 paused += time.time() - began
                 next_log += args.log_minutes * 60
         synchronize(device)
@@ -100,8 +101,8 @@ def main():
                 result[name] = round(psnr(recon[where], frames[where]), 2)
         if args.previews:
             save_previews(nla, data, Path(args.previews), cfg, recon)
-    print(json.dumps(result))
+    print(strict_json(result))
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # bad input: one line 'error: ...', exit status 2

@@ -11,7 +11,6 @@ samples per second, peak GPU memory.
 """
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -21,12 +20,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from util.cli import run_cli  # noqa: E402
 from util.config import load_config  # noqa: E402
 from util.image_training import pick_device  # noqa: E402
-from util.nla_training import TrainingStep, VideoData, build_model, prepare_training, sample_pixels  # noqa: E402
+from util.nla_training import (TrainingStep, VideoData, build_model, prepare_training,  # noqa: E402
+                               sample_pixels, strict_json)
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--video", required=True)
     parser.add_argument("--masks", default=None)
@@ -36,7 +37,7 @@ def main():
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--work", default=None, help="folder for the flow cache (default: a temporary one)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     cfg = load_config("nla", overrides=[f"resx={args.resx}", f"resy={args.resy}", *args.overrides])
     device = pick_device(cfg["device"])
     cuda = device.type == "cuda"
@@ -58,17 +59,17 @@ def main():
                 if cuda:
                     torch.cuda.synchronize()
                 seconds = (time.perf_counter() - began) / args.steps
-                print(json.dumps({"device": str(device), "resolution": f"{data.W}x{data.H}", "frames": data.T,
-                                  "backend": run["atlas_backend"], "cuda_graph": step.use_graph,
-                                  "samples_batch": batch, "ms_per_step": round(1000 * seconds, 2),
-                                  "steps_per_second": round(1 / seconds, 1),
-                                  "samples_per_second": round(batch / seconds),
-                                  "peak_gpu_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None}),
-                      flush=True)
+                record = {"device": str(device), "resolution": f"{data.W}x{data.H}", "frames": data.T,
+                          "backend": run["atlas_backend"], "cuda_graph": step.use_graph,
+                          "samples_batch": batch, "ms_per_step": round(1000 * seconds, 2),
+                          "steps_per_second": round(1 / seconds, 1),
+                          "samples_per_second": round(batch / seconds),
+                          "peak_gpu_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None}
+                print(strict_json(record), flush=True)
                 del step, _
                 if cuda:
                     torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # bad input: one line 'error: ...', exit status 2

@@ -389,3 +389,94 @@ def test_bad_input(case, message, synthetic_video, tmp_path, capsys):
         train_nla.run_cli(train_nla.main, args)
     assert e.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "out" / "checkpoint").exists()
+
+
+def test_checkpoint_holds_the_model_and_adam_state_lies_beside_it(trained, tmp_path, recwarn):
+    """The checkpoint (what train_video.py loads) has no optimizer state, which is twice the
+    model's size; optimizer_state holds it for resuming, at the checkpoint's iteration."""
+    import shutil
+    out, args = trained
+    state = torch.load(out / "checkpoint", weights_only=False)
+    saved = torch.load(out / "optimizer_state", weights_only=False)
+    assert "optimizer_state_dict" not in state and saved["iteration"] == state["iteration"]
+    assert (out / "checkpoint").stat().st_size < 0.6 * (out / "optimizer_state").stat().st_size
+    if "atlas_backend=mlp" in args:  # resuming is the same for both backends: checked on the faster one
+        return
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("checkpoint", "optimizer_state"):
+        shutil.copy(out / name, copy / name)
+    for flows in out.glob("flows_*.npz"):
+        shutil.copy(flows, copy / flows.name)
+    at = args.index("--out")
+    more = [a for a in args[:at] + args[at + 2:] if not a.startswith("iters_num=")]  # the run's other arguments
+    start = int(state["iteration"])
+    train_nla.main([*more, "--out", str(copy), f"iters_num={start + 2}"])
+    assert not [w for w in recwarn if "resuming without" in str(w.message)]
+    (copy / "optimizer_state").unlink()
+    with pytest.warns(UserWarning, match="resuming without Adam's state: .*optimizer_state is missing"):
+        train_nla.main([*more, "--out", str(copy), f"iters_num={start + 4}"])
+    assert torch.load(copy / "checkpoint", weights_only=False)["iteration"] == start + 4
+
+
+def test_palette_masks_and_mask_labels_reach_atlas_training(synthetic_video, tmp_path, capsys):
+    """DAVIS-2017 palette masks: the square is label 2, a strip label 1. By default both are the
+    object; mask_labels=[2] keeps the square only; a bad mask_labels is one line, exit 2."""
+    from util.config import load_config
+    palette = [0, 0, 0, 128, 0, 0, 0, 128, 0] + [0] * (256 * 3 - 9)
+    masks = tmp_path / "palette_masks"
+    masks.mkdir()
+    for path in sorted((synthetic_video / "masks").iterdir()):
+        index = (np.asarray(Image.open(path)) >= 128).astype(np.uint8) * 2
+        index[40:, :10] = 1
+        img = Image.frombytes("P", (index.shape[1], index.shape[0]), index.tobytes())
+        img.putpalette(palette)
+        img.save(masks / path.name)
+    square = VideoData(synthetic_video / "frames", synthetic_video / "masks",
+                       load_config("nla", overrides={"resx": 64, "resy": 48}), tmp_path, torch.device("cpu")).masks
+    both = VideoData(synthetic_video / "frames", masks, load_config("nla", overrides=["resx=64", "resy=48"]),
+                     tmp_path, torch.device("cpu")).masks
+    assert torch.equal(both[:, :40], square[:, :40]) and both[:, 40:, :10].min() == 1
+    only_two = VideoData(synthetic_video / "frames", masks,
+                         load_config("nla", overrides=["resx=64", "resy=48", "mask_labels=[2]"]),
+                         tmp_path, torch.device("cpu")).masks
+    assert torch.equal(only_two, square)
+    args = ["--video", str(synthetic_video / "frames"), "--masks", str(masks), "--out", str(tmp_path / "out"),
+            "resx=64", "resy=48", "device=cpu", "mask_labels=[0]"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        train_nla.run_cli(train_nla.main, args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: config key 'mask_labels'") and err.count("\n") == 1
+    assert not (tmp_path / "out" / "checkpoint").exists()
+
+
+def test_strict_json_writes_null_for_non_finite_numbers():
+    import json
+    from util.nla_training import strict_json
+    line = strict_json({"a": float("nan"), "b": [1.5, float("inf")], "c": {"d": -float("inf")}, "e": "x"})
+    assert json.loads(line) == {"a": None, "b": [1.5, None], "c": {"d": None}, "e": "x"}
+
+
+def test_bench_prints_null_not_nan_for_the_psnr_of_empty_masks(synthetic_video, tmp_path, capsys):
+    import importlib.util
+    import json
+    from pathlib import Path
+    empty = tmp_path / "empty_masks"
+    empty.mkdir()
+    for path in (synthetic_video / "masks").iterdir():
+        Image.new("L", Image.open(path).size).save(empty / path.name)
+    spec = importlib.util.spec_from_file_location(
+        "bench_nla", Path(__file__).resolve().parent.parent / "bench" / "bench_nla.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    with pytest.warns(UserWarning, match="every mask in .*empty_masks is empty"):
+        bench.main(["--video", str(synthetic_video / "frames"), "--masks", str(empty), "--resx", "64",
+                    "--resy", "48", "--minutes", "0.001", "--work", str(tmp_path), "device=cpu", "iters_num=2",
+                    "samples_batch=500", *SMALL_GRIDS])
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not strict JSON")
+    result = json.loads(line, parse_constant=refuse)
+    assert result["psnr_object_db"] is None and result["psnr_elsewhere_db"] > 0 and result["steps"] >= 1

@@ -31,10 +31,24 @@ def test_natural_order_and_resize(tmp_path):
     assert video.shape == (5, 3, 16, 20) and 0 <= video.min() and video.max() <= 1
 
 
-def test_fewer_frames_than_asked_warns_and_uses_them(tmp_path):
-    with pytest.warns(UserWarning, match="fewer than maximum_number_of_frames=70; using all 3"):
-        video = read_frames(make_frames(tmp_path / "v", 3), 40, 30, max_frames=70)
+def test_frame_count_warns_only_when_frames_are_dropped(tmp_path, recwarn):
+    folder = make_frames(tmp_path / "v", 5)
+    assert read_frames(folder, 40, 30, max_frames=70).shape[0] == 5  # shorter than the maximum: all, silently
+    assert read_frames(folder, 40, 30, max_frames=5).shape[0] == 5
+    assert not [w for w in recwarn if "maximum_number_of_frames" in str(w.message)]
+    with pytest.warns(UserWarning, match="has 5 frames, more than maximum_number_of_frames=3; using the first 3"):
+        video = read_frames(folder, 40, 30, max_frames=3)
     assert video.shape[0] == 3
+
+
+def test_frame_count_of_a_video_file_warns_only_when_frames_are_dropped(tmp_path, recwarn):
+    clip = tmp_path / "clip.mp4"
+    write_video(read_frames(make_frames(tmp_path / "v", 6), 40, 30, max_frames=6), clip)
+    assert read_frames(clip, 40, 30, max_frames=6).shape[0] == 6
+    assert read_frames(clip, 40, 30, max_frames=20).shape[0] == 6
+    assert not [w for w in recwarn if "maximum_number_of_frames" in str(w.message)]
+    with pytest.warns(UserWarning, match="clip.mp4 has more frames than maximum_number_of_frames=4; using the first 4"):
+        assert read_frames(clip, 40, 30, max_frames=4).shape[0] == 4
 
 
 def test_bad_inputs(tmp_path):
@@ -81,10 +95,80 @@ def test_masks_count_and_threshold(tmp_path):
         read_masks(folder, 4, 40, 30)
 
 
+# DAVIS-2017's annotation palette: label 0 black (background), 1 (128, 0, 0), 2 (0, 128, 0), ...
+DAVIS_PALETTE = [0, 0, 0, 128, 0, 0, 0, 128, 0, 128, 128, 0, 0, 0, 128] + [0] * (256 * 3 - 15)
+
+
+def make_palette_masks(folder, n, labels=(1, 2), size=(40, 30)):
+    """Palette PNGs as DAVIS-2017 stores them: label 1 on the left quarter, label 2 on the right."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        index = np.zeros((size[1], size[0]), np.uint8)
+        if 1 in labels:
+            index[:, :10] = 1
+        if 2 in labels:
+            index[:, 30:] = 2
+        img = Image.frombytes("P", size, index.tobytes())
+        img.putpalette(DAVIS_PALETTE)
+        img.save(folder / f"{i:05d}.png")
+    return folder
+
+
+def test_palette_masks_are_read_by_label(tmp_path, recwarn):
+    folder = make_palette_masks(tmp_path / "m", 3)
+    with Image.open(folder / "00000.png") as img:  # as grayscale, label 1 is 38: under 128, so it was lost
+        assert img.mode == "P" and np.asarray(img.convert("L"))[0, 0] == 38
+    masks = read_masks(folder, 3, 40, 30)  # every non-zero label is the object
+    assert masks[..., :10].min() == 1 and masks[..., 30:].min() == 1 and masks[..., 10:30].max() == 0
+    only_two = read_masks(folder, 3, 40, 30, labels=[2])
+    assert only_two[..., 30:].min() == 1 and only_two[..., :30].max() == 0
+    assert torch.equal(read_masks(folder, 3, 40, 30, labels=2), only_two)  # mask_labels=2 on the command line
+    assert torch.equal(read_masks(folder, 3, 40, 30, labels=[1, 2]), masks)
+    assert not [w for w in recwarn if "empty" in str(w.message)]
+
+
+def test_binary_masks_ignore_mask_labels_with_a_warning(tmp_path):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    for i in range(2):
+        arr = np.zeros((30, 40), np.uint8)
+        arr[:, :20] = 255
+        Image.fromarray(arr).save(folder / f"{i:05d}.png")
+    with pytest.warns(UserWarning, match="mask_labels=\\[2\\] applies to palette"):
+        masks = read_masks(folder, 2, 40, 30, labels=[2])
+    assert masks[..., :20].min() == 1 and masks[..., 20:].max() == 0
+
+
+def test_empty_mask_folder_warns(tmp_path):
+    background_only = make_palette_masks(tmp_path / "palette", 2, labels=())
+    with pytest.warns(UserWarning, match="every mask in .*palette is empty: no pixel has a non-zero label "
+                                         "\\(labels present: 0\\); set mask_labels"):
+        assert read_masks(background_only, 2, 40, 30).max() == 0
+    first_only = make_palette_masks(tmp_path / "first", 2, labels=(1,))
+    with pytest.warns(UserWarning, match="no pixel has label 2 \\(labels present: 0, 1\\)"):
+        read_masks(first_only, 2, 40, 30, labels=[2])
+    dark = tmp_path / "dark"
+    dark.mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((30, 40), 1, np.uint8)).save(dark / f"{i:05d}.png")
+    with pytest.warns(UserWarning, match="every mask in .*dark is empty: no pixel is white .*brightest is 1.*"
+                                         "check the mask files"):
+        read_masks(dark, 2, 40, 30)
+
+
+@pytest.mark.parametrize("bad", ["two", [0], [], [True], [1.5], [256], {"a": 1}])
+def test_bad_mask_labels_are_refused_naming_the_key(tmp_path, bad):
+    from util.config import ConfigError
+    folder = make_palette_masks(tmp_path / "m", 1)
+    with pytest.raises(ConfigError, match="config key 'mask_labels' must be null or a list of palette label"):
+        read_masks(folder, 1, 40, 30, labels=bad)
+
+
 @pytest.mark.skipif(not (SHARED / "davis" / "blackswan").is_dir(), reason="shared DAVIS data not found beside the repo")
 def test_real_davis_frames_and_masks():
     root = SHARED / "davis" / "blackswan"
-    video = read_frames(root / "frames", resx=96, resy=54, max_frames=10)
+    with pytest.warns(UserWarning, match="frames has 50 frames, more than maximum_number_of_frames=10"):
+        video = read_frames(root / "frames", resx=96, resy=54, max_frames=10)
     masks = read_masks(root / "masks", 10, 96, 54)
     assert video.shape == (10, 3, 54, 96) and masks.shape == (10, 1, 54, 96)
     assert 0.01 < masks.mean() < 0.6  # the swan is a part of the frame

@@ -7,6 +7,7 @@ rigidity) and at their flow-corresponding points in the next and previous frames
 """
 
 import csv
+import json
 import math
 import random
 import time
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 import yaml
 from tqdm import tqdm
 
-from datasets.video_frames import read_frames, read_masks, write_video
+from datasets.video_frames import check_mask_labels, read_frames, read_masks, write_video
 from models.nla import MLP, GridAtlas, GridMapping, NLAModel, vertex_count
 from util import nla_losses as L
 from util.atlas import bounding_box
@@ -33,12 +34,13 @@ class VideoData:
     """Frames, optional masks and checked optical flow, on the training device."""
 
     def __init__(self, video_path, masks_path, cfg: dict, out_dir: Path, device):
+        labels = check_mask_labels(cfg.get("mask_labels"))  # a bad value fails before any reading
         frames = read_frames(video_path, cfg["resx"], cfg["resy"], cfg["maximum_number_of_frames"], min_frames=2)
         self.T, _, self.H, self.W = frames.shape
         self.frames = frames.permute(0, 2, 3, 1).contiguous().to(device)  # [T, H, W, 3]
         self.masks = None
         if masks_path is not None:
-            self.masks = read_masks(masks_path, self.T, cfg["resx"], cfg["resy"])[:, 0].to(device)  # [T, H, W]
+            self.masks = read_masks(masks_path, self.T, cfg["resx"], cfg["resy"], labels)[:, 0].to(device)  # [T, H, W]
         else:
             warnings.warn("no masks given: training a background-only decomposition (opacity pushed to 0)")
         # checked flow between frames `gap` apart, for every gap of flow_gaps the video is long
@@ -498,6 +500,20 @@ def reconstruct(nla: NLAModel, frames=None, chunk: int = 65536):
                         for t in range(nla.n_frames)]).permute(0, 3, 1, 2)
 
 
+def strict_json(record) -> str:
+    """record as one line of strict JSON: non-finite floats (NaN, e.g. the PSNR over an empty
+    mask, or inf) become null."""
+    def finite(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: finite(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [finite(v) for v in value]
+        return value
+    return json.dumps(finite(record), allow_nan=False)
+
+
 def psnr(a, b) -> float:
     mse = float(((a - b) ** 2).mean())
     return 10 * math.log10(1 / max(mse, 1e-12))
@@ -590,18 +606,54 @@ def prepare_training(nla: NLAModel, data: VideoData, cfg: dict, device, generato
     return nla, opt, TrainingStep(nla, data, cfg, opt, use_graph)
 
 
+# Adam's moments, twice the model's size, are kept beside the checkpoint rather than in it: the
+# checkpoint (what train_video.py loads) holds the model alone, and only resuming needs both
+OPTIMIZER_FILE = "optimizer_state"
+
+
+def load_resume_optimizer(path: Path, iteration: int):
+    """The optimizer state saved with the checkpoint of `iteration`, or None (with a warning
+    saying why) when the file is missing, unreadable or of another iteration."""
+    problem = None
+    if not path.is_file():
+        problem = "is missing"
+    else:
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # a truncated or foreign file
+            saved, problem = None, f"is unreadable ({type(e).__name__})"
+        if saved is not None and not (isinstance(saved, dict) and "optimizer_state_dict" in saved):
+            problem = "holds no optimizer state"
+        elif saved is not None and saved.get("iteration") != iteration:
+            problem = f"is from iteration {saved.get('iteration')}, the checkpoint from {iteration}"
+    if problem:
+        warnings.warn(f"resuming without Adam's state: {path} {problem}; training goes on from the saved "
+                      "model with fresh optimizer moments")
+        return None
+    return saved["optimizer_state_dict"]
+
+
+def file_megabytes(path: Path) -> float:
+    return path.stat().st_size / 1e6
+
+
 def train(cfg: dict, video_path, masks_path, out_dir) -> Path:
-    """Train (or resume) an atlas; write out_dir/checkpoint and the run's outputs."""
+    """Train (or resume) an atlas; write out_dir/checkpoint (the model), out_dir/optimizer_state
+    (Adam's state, for resuming) and the run's outputs."""
     out_dir = Path(out_dir)
     device = pick_device(cfg["device"])
     data = VideoData(video_path, masks_path, cfg, out_dir, device)
-    ckpt_path = out_dir / "checkpoint"
+    ckpt_path, opt_path = out_dir / "checkpoint", out_dir / OPTIMIZER_FILE
     state, start = {}, 0
     if ckpt_path.is_file():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         start = int(state.get("iteration", 0))
         if start >= cfg["iters_num"]:
             raise ConfigError(f"{ckpt_path} already has {start} iterations; raise iters_num or choose another --out")
+        if "optimizer_state_dict" not in state:  # saved beside it (older checkpoints held it inside)
+            saved = load_resume_optimizer(opt_path, start)
+            if saved is not None:
+                state["optimizer_state_dict"] = saved
     torch.manual_seed(cfg["seed"] + start)  # a resumed run draws new samples, not the first ones again
     generator = torch.Generator(device).manual_seed(cfg["seed"] + start)
     nla = NLAModel.from_checkpoint(ckpt_path, data.W, data.H, data.T) if state else build_model(cfg, data)
@@ -613,8 +665,9 @@ def train(cfg: dict, video_path, masks_path, out_dir) -> Path:
         {**public(cfg), "video": str(video_path), "masks": None if masks_path is None else str(masks_path)},
         sort_keys=False))
 
-    def save(iteration):
-        save_atomic({**nla.checkpoint(), "iteration": iteration, "optimizer_state_dict": opt.state_dict(),
+    def save(iteration):  # the optimizer first: a checkpoint never points at an older optimizer state
+        save_atomic({"iteration": iteration, "optimizer_state_dict": opt.state_dict()}, opt_path)
+        save_atomic({**nla.checkpoint(), "iteration": iteration,
                      "resx": data.W, "resy": data.H, "number_of_frames": data.T}, ckpt_path)
 
     log_path = out_dir / "psnr_log.csv"
@@ -654,5 +707,6 @@ def train(cfg: dict, video_path, masks_path, out_dir) -> Path:
     log.close()
     save_previews(nla, data, out_dir / "previews" / "final", cfg, recon)
     write_video(torch.cat([data.frames.permute(0, 3, 1, 2), recon], dim=-1), out_dir / "reconstruction.mp4", cfg["fps"])
-    print(f"atlas checkpoint: {ckpt_path} (video PSNR {video_psnr:.2f} dB)")
+    print(f"atlas checkpoint: {ckpt_path} ({file_megabytes(ckpt_path):.1f} MB, video PSNR {video_psnr:.2f} dB); "
+          f"{opt_path.name} ({file_megabytes(opt_path):.1f} MB) is only needed to continue training")
     return ckpt_path
