@@ -10,10 +10,10 @@
 import sys
 from pathlib import Path
 
+from training.image import render, train
+from training.loop import check_resume
 from util.cli import run_cli
 from util.config import ConfigError, command_line, load_config, parse_overrides
-from util.image_training import render, train
-from util.training_loop import check_resume
 
 
 def main(argv=None):

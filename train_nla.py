@@ -10,9 +10,9 @@ Running the same command again resumes from --out/checkpoint.
 import argparse
 import sys
 
+from training.nla import train
 from util.cli import run_cli
 from util.config import load_config
-from util.nla_training import train
 
 
 def main(argv=None):

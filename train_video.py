@@ -10,10 +10,10 @@
 import sys
 from pathlib import Path
 
+from training.loop import check_resume
+from training.video import render, train
 from util.cli import run_cli
 from util.config import ConfigError, command_line, load_config, parse_overrides
-from util.training_loop import check_resume
-from util.video_training import render, train
 
 
 def main(argv=None):

@@ -22,11 +22,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from datasets.image_dataset import ImageDataset  # noqa: E402
+from losses.clip_loss import Text2LiveLoss  # noqa: E402
 from models.clip import load_clip, random_clip  # noqa: E402
-from util.clip_loss import Text2LiveLoss  # noqa: E402
+from training.image import load_input, make_generator, make_optimizer, train_step  # noqa: E402
 from util.config import load_config  # noqa: E402
 from util.image_io import shared_data_root  # noqa: E402
-from util.image_training import load_input, make_generator, make_optimizer, train_step  # noqa: E402
 
 
 def main():

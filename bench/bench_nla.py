@@ -19,13 +19,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from datasets.flow import video_flows  # noqa: E402
+from training.image import pick_device  # noqa: E402
+from training.nla import (  # noqa: E402
+    VideoData,
+    build_model,
+    checkerboard_video,
+    flow_warp_error,
+    prepare_training,
+    psnr,
+    reconstruct,
+    sample_pixels,
+    save_previews,
+    strict_json,
+)
 from util.cli import run_cli  # noqa: E402
 from util.config import load_config  # noqa: E402
-from util.flow import video_flows  # noqa: E402
-from util.image_training import pick_device  # noqa: E402
-from util.nla_training import (VideoData, build_model, checkerboard_video, flow_warp_error,  # noqa: E402
-                               prepare_training, psnr, reconstruct, sample_pixels, save_previews,
-                               strict_json)
 
 
 def synchronize(device):

@@ -20,11 +20,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from training.image import pick_device  # noqa: E402
+from training.nla import (  # noqa: E402
+    TrainingStep,
+    VideoData,
+    build_model,
+    prepare_training,
+    sample_pixels,
+    strict_json,
+)
 from util.cli import run_cli  # noqa: E402
 from util.config import load_config  # noqa: E402
-from util.image_training import pick_device  # noqa: E402
-from util.nla_training import (TrainingStep, VideoData, build_model, prepare_training,  # noqa: E402
-                               sample_pixels, strict_json)
 
 
 def main(argv=None):

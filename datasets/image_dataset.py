@@ -1,4 +1,4 @@
-"""The internal dataset: random augmentations of the one input image, and random texts.
+"""The internal dataset: random augmentations of the one input image.
 
 Each sample, as the official SingleImageDataset makes it from the 8-bit image: colour jitter
 (p jitter_p; brightness, contrast, saturation, hue 0.1), horizontal flip (p flip_p), a scale
@@ -11,45 +11,9 @@ import random
 
 import torch
 
-from util.clip_views import colour_augment, ViewParams
+from util.colour import colour_jitter
+from util.crops import divisible_crop, random_size_crop
 from util.image_io import quantize_8bit, resize_8bit
-
-TEXT_TEMPLATES = [
-    "photo of {}.", "high quality photo of {}.", "a photo of {}.", "the photo of {}.",
-    "image of {}.", "an image of {}.", "high quality image of {}.", "a high quality image of {}.",
-    "the {}.", "a {}.", "{}.", "{}", "{}!", "{}...",
-]
-SCREEN_TEMPLATES = ["{} over a green screen.", "{} in front of a green screen."]
-
-
-def random_size_crop(H: int, W: int, min_cover: float, rng: random.Random):
-    """(top, left, h, w) of a random crop: h = int(c H), w = int(c W), one c ~ U(min_cover, 1),
-    placed uniformly (the official RandomSizeCrop; min_cover 1 keeps the whole image)."""
-    if min_cover >= 1:
-        return 0, 0, H, W
-    c = rng.uniform(min_cover, 1)
-    h, w = max(1, int(H * c)), max(1, int(W * c))
-    return rng.randint(0, H - h), rng.randint(0, W - w), h, w
-
-
-def divisible_crop(x: torch.Tensor, d: int) -> torch.Tensor:
-    """Centre crop of [B, C, H, W] to sides divisible by d (d 1: unchanged)."""
-    H, W = x.shape[-2:]
-    h, w = H - H % d, W - W % d
-    if (h, w) == (H, W) or h == 0 or w == 0:
-        return x
-    top, left = (H - h) // 2, (W - w) // 2
-    return x[..., top:top + h, left:left + w]
-
-
-def colour_jitter(x: torch.Tensor, rng: random.Random) -> torch.Tensor:
-    """One random colour jitter (brightness, contrast, saturation, hue 0.1) of [B, 3, H, W]."""
-    factors = torch.tensor([[rng.uniform(0.9, 1.1), rng.uniform(0.9, 1.1),
-                             rng.uniform(0.9, 1.1), rng.uniform(-0.1, 0.1)]]).expand(x.shape[0], 4)
-    B = x.shape[0]
-    params = ViewParams(homography=torch.eye(3).expand(B, 3, 3), jitter=factors,
-                        do_jitter=torch.ones(B, dtype=torch.bool), gray=torch.zeros(B, dtype=torch.bool))
-    return colour_augment(x, params)
 
 
 class ImageDataset:

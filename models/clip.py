@@ -23,7 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from util.downloads import DownloadError, cache_dir, fetch_verified
+from util.downloads import cache_dir, fetch_verified
+from util.errors import ClipFileError, DownloadError  # noqa: F401  (raised here)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -315,12 +316,6 @@ def random_clip(preset: str = "ViT-B/32", seed: int = 0) -> CLIP:
     return CLIP(**PRESETS[preset])
 
 
-class ClipFileError(DownloadError, ValueError):
-    """clip_model_name names a file that is not a usable CLIP checkpoint.
-
-    The message is one line saying what the file is and what to pass instead. Being a
-    DownloadError, command-line entry points report it as a user error (exit status 2).
-    """
 
 
 USE_VIT = "set clip_model_name=ViT-B/32 (downloaded once) or to the path of OpenAI's ViT-B-32.pt"

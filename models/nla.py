@@ -27,6 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from util.errors import CheckpointError  # noqa: F401  (raised here)
+
 CHECKPOINT_KEYS = {
     "mapping_foreground": "model_F_mapping1_state_dict",
     "mapping_background": "model_F_mapping2_state_dict",
@@ -42,8 +44,6 @@ DEFAULT_ARCHITECTURES = {
 }
 
 
-class CheckpointError(ValueError):
-    pass
 
 
 def positional_encoding(x, frequencies: int):

@@ -16,7 +16,8 @@ import ftfy
 import regex
 import torch
 
-from util.downloads import DownloadError, cache_dir, fetch_verified, sha256_file
+from util.downloads import cache_dir, fetch_verified, sha256_file
+from util.errors import DownloadError, PromptTooLongError  # noqa: F401  (raised here)
 
 VOCAB_NAME = "bpe_simple_vocab_16e6.txt.gz"
 VOCAB_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
@@ -25,8 +26,6 @@ START, END = "<|startoftext|>", "<|endoftext|>"
 CONTEXT_LENGTH = 77
 
 
-class PromptTooLongError(ValueError):
-    pass
 
 _PIECES = regex.compile(r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+",
                         regex.IGNORECASE)

@@ -33,8 +33,8 @@ def tiny_clip_file(tmp_path_factory, tiny_clip):
 @pytest.fixture(scope="session")
 def cat_photo(tmp_path_factory):
     """A small real photo (scikit-image's cat, 300x451) written as a JPEG file."""
-    from PIL import Image
     import skimage.data
+    from PIL import Image
 
     path = tmp_path_factory.mktemp("photos") / "cat.jpg"
     Image.fromarray(np.asarray(skimage.data.chelsea())).save(path, quality=95)

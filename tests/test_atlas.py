@@ -1,8 +1,14 @@
 import pytest
 import torch
 
+from datasets.atlas import (
+    AtlasBox,
+    bounding_box,
+    discretize_atlas,
+    frame_maps,
+    sample_atlas,
+)
 from models.nla import MLP, NLAModel
-from util.atlas import AtlasBox, bounding_box, discretize_atlas, frame_maps, sample_atlas
 
 
 def test_box_size_and_pixel_centres():

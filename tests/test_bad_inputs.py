@@ -130,7 +130,7 @@ def test_resume_with_a_corrupt_checkpoint(finished_run, capsys):
 
 
 def test_resume_of_a_finished_run_is_refused_before_clip_loads(finished_run, capsys, monkeypatch):
-    import util.image_training as image_training
+    import training.image as image_training
     monkeypatch.setattr(image_training, "load_clip", lambda *a, **k: pytest.fail("CLIP loaded"))
     code, err = cli(train_image.main, [f"resume={finished_run}"], capsys)
     assert code == 2 and len(err) == 1 and "already finished" in err[0], err
@@ -168,7 +168,7 @@ def failing_after(n_calls: int, real):
 
 
 def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tiny_overrides, capsys, monkeypatch):
-    import util.training_loop as training_loop
+    import training.loop as training_loop
     monkeypatch.setattr(training_loop.torch, "save", failing_after(1, torch.save))  # the 2nd checkpoint fails
     code, err = cli(train_image.main, image_args(tiny_overrides, "n_epochs=6", "log_images_freq=2"), capsys)
     monkeypatch.undo()

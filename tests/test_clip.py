@@ -8,8 +8,16 @@ from pathlib import Path, PurePosixPath
 import pytest
 import torch
 
-from models.clip import (CLIP, PRESETS, ClipFileError, build_model, load_clip, random_clip, read_state_dict,
-                         resolve_checkpoint)
+from models.clip import (
+    CLIP,
+    PRESETS,
+    ClipFileError,
+    build_model,
+    load_clip,
+    random_clip,
+    read_state_dict,
+    resolve_checkpoint,
+)
 from util.cli import USER_ERRORS
 from util.downloads import DownloadError
 

@@ -1,6 +1,6 @@
 import pytest
 
-from util.config import ConfigError, load_config, check_image_config, parse_overrides
+from util.config import ConfigError, check_image_config, load_config, parse_overrides
 
 
 def test_defaults_example_and_overrides_stack():

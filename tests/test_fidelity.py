@@ -12,13 +12,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from datasets.image_dataset import ImageDataset, random_size_crop
-from util import losses
-from util.clip_loss import Text2LiveLoss
-from util.clip_views import make_views, sample_crops, sample_view_params, view_size
+from datasets.image_dataset import ImageDataset
+from losses import terms as losses
+from losses.clip_loss import Text2LiveLoss
+from losses.clip_views import make_views, sample_crops, sample_view_params, view_size
+from losses.relevancy import relevancy_map
+from util import compositing
 from util.config import load_config
+from util.crops import random_size_crop
 from util.image_io import resize_short_side
-from util.relevancy import relevancy_map
 
 
 def loss_config(**overrides):
@@ -141,14 +143,14 @@ def test_bootstrap_schedules_are_the_official_ones():
 
 
 def test_green_screen_pixel_and_cosine_scale():
-    green = losses.over_green(torch.rand(1, 3, 2, 2), torch.zeros(1, 1, 2, 2))
+    green = compositing.over_green(torch.rand(1, 3, 2, 2), torch.zeros(1, 1, 2, 2))
     assert (green * 255).round()[0, :, 0, 0].tolist() == [0, 177, 64]
     x, y = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
     assert float(losses.text_distance(x, y, "cosine")) == pytest.approx(1.2)  # 1.2 * (1 - 0)
 
 
 def test_bootstrap_alpha_is_resized_with_antialiasing(tiny_clip, monkeypatch):
-    import util.clip_loss as clip_loss
+    import losses.clip_loss as clip_loss
     monkeypatch.setattr(clip_loss, "bootstrap_maps", lambda clip, crop, *a: (torch.zeros(1, 1, 224, 224), None))
     cfg = loss_config(bootstrap_text="cat", bootstrap_epoch=10)
     loss_fn = Text2LiveLoss(tiny_clip, cfg, "cpu")

@@ -3,7 +3,7 @@ import pytest
 import skimage.data
 import torch
 
-from util.flow import consistent, dis_flow, video_flows
+from datasets.flow import consistent, dis_flow, video_flows
 
 
 def shifted_pair(dx=3, dy=2):

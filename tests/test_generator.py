@@ -4,8 +4,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.generator import (Generator, UpBlock, crop_to_common_size, generator_config,
-                              generator_from_checkpoint, split_edit_layer)
+from models.generator import (
+    Generator,
+    UpBlock,
+    crop_to_common_size,
+    generator_config,
+    generator_from_checkpoint,
+    split_edit_layer,
+)
 
 SMALL = dict(num_scales=3, skip_n33d=8, skip_n33u=6, skip_n11=2)
 

@@ -4,16 +4,17 @@
 import pytest
 import torch
 
-from util import losses
-from util.clip_views import make_views, sample_view_params, view_size
-from util.relevancy import bootstrap_maps, relevancy_map
+from losses import terms as losses
+from losses.clip_views import make_views, sample_view_params, view_size
+from losses.relevancy import bootstrap_maps, relevancy_map
+from util import compositing
 
 
 def test_composite_and_green():
     colour, image = torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8)
-    assert torch.equal(losses.composite(colour, torch.zeros(1, 1, 8, 8), image), image)
-    assert torch.equal(losses.composite(colour, torch.ones(1, 1, 8, 8), image), colour)
-    green = losses.over_green(colour, torch.zeros(1, 1, 8, 8))
+    assert torch.equal(compositing.composite(colour, torch.zeros(1, 1, 8, 8), image), image)
+    assert torch.equal(compositing.composite(colour, torch.ones(1, 1, 8, 8), image), colour)
+    green = compositing.over_green(colour, torch.zeros(1, 1, 8, 8))
     assert torch.allclose(green[0, :, 0, 0], torch.tensor([0.0, 177 / 255, 64 / 255]))
 
 

@@ -5,7 +5,13 @@ import math
 import pytest
 import torch
 
-from models.nla import CHECKPOINT_KEYS, MLP, CheckpointError, NLAModel, positional_encoding
+from models.nla import (
+    CHECKPOINT_KEYS,
+    MLP,
+    CheckpointError,
+    NLAModel,
+    positional_encoding,
+)
 
 
 def test_positional_encoding_order_and_length():
@@ -125,6 +131,7 @@ def test_mapping_levels_summed_on_the_finest_vertices_equal_sampling_each_level(
     """GridMapping samples one grid holding every level upsampled to the finest vertices; inside
     the frame that must equal bilinear sampling of each level on its own, summed."""
     import torch.nn.functional as F
+
     from models.nla import GridMapping
     torch.manual_seed(0)
     T = 3
@@ -144,8 +151,8 @@ def test_mapping_levels_summed_on_the_finest_vertices_equal_sampling_each_level(
 
 
 def test_grid_mapping_starts_as_the_scaled_identity_and_keeps_rigidity_zero():
+    from losses.nla import rigidity_loss
     from models.nla import GridMapping
-    from util.nla_losses import rigidity_loss
     mapping = GridMapping(40, 24, 5, cell=8, scale=0.8)
     model = NLAModel(40, 24, 5)
     x, y, t = torch.rand(100) * 39, torch.rand(100) * 23, torch.randint(0, 5, (100,)).float()
@@ -203,7 +210,7 @@ def test_mixed_precision_keeps_mappings_in_float32_and_gradients_flowing():
 
 
 def test_auto_precision_is_bf16_where_fast_and_float32_for_the_official_mlps_on_a_cpu(monkeypatch):
-    from util import nla_training
+    from training import nla as nla_training
     from util.config import load_config
     cfg = load_config("nla")
     monkeypatch.setattr(nla_training, "resolve_precision", lambda mode, device: torch.bfloat16)  # a bf16 CPU

@@ -9,9 +9,15 @@ import torch
 from PIL import Image
 
 import train_nla
+from losses import nla as L
 from models.nla import NLAModel
-from util import nla_losses as L
-from util.nla_training import VideoData, checkerboard_video, flow_warp_error, psnr, reconstruct
+from training.nla import (
+    VideoData,
+    checkerboard_video,
+    flow_warp_error,
+    psnr,
+    reconstruct,
+)
 
 SMALL_NETS = ["number_of_channels_atlas=64", "number_of_layers_atlas=4", "positional_encoding_num_atlas=6",
               "number_of_channels_alpha=32", "number_of_layers_alpha=3", "number_of_channels_mapping1=32",
@@ -65,8 +71,13 @@ def test_rigidity_closed_form_equals_the_inverse_it_replaces():
 def test_learning_rates_decay_and_resume_keeps_this_runs_settings(synthetic_video, tmp_path):
     """lr_decay scales every group's rate to lr_decay x at iters_num; a checkpoint's optimizer
     state brings back Adam's moments but not the saved rates or flags."""
+    from training.nla import (
+        build_model,
+        load_optimizer_state,
+        make_optimizer,
+        set_learning_rates,
+    )
     from util.config import load_config
-    from util.nla_training import build_model, load_optimizer_state, make_optimizer, set_learning_rates
     cfg = load_config("nla", overrides=["resx=64", "resy=48", "iters_num=100", "lr_decay=0.1", *SMALL_GRIDS])
     data = VideoData(synthetic_video / "frames", synthetic_video / "masks", cfg, tmp_path, torch.device("cpu"))
     nla = build_model(cfg, data)
@@ -96,8 +107,8 @@ def test_learning_rates_decay_and_resume_keeps_this_runs_settings(synthetic_vide
 def test_cuda_graph_steps_train_like_eager_steps(backend, synthetic_video, tmp_path):
     """Replaying the captured step (across the schedule's phase changes) gives the parameters that
     eager steps on the same samples give."""
+    from training.nla import build_model, prepare_training, sample_pixels
     from util.config import load_config
-    from util.nla_training import build_model, prepare_training, sample_pixels
     cfg = load_config("nla", overrides=["resx=64", "resy=48", "samples_batch=500", f"atlas_backend={backend}",
                                         "stop_global_rigidity=6", "stop_bootstrapping_iteration=12",
                                         "mixed_precision=off", *SMALL_GRIDS, *SMALL_NETS])
@@ -158,8 +169,8 @@ def trained(request, synthetic_video, tmp_path_factory):
 
 
 def test_layer_motion_recovers_each_layers_translation(synthetic_video, tmp_path):
+    from training.nla import layer_motion
     from util.config import load_config
-    from util.nla_training import layer_motion
     cfg = load_config("nla", overrides={"resx": 64, "resy": 48})
     data = VideoData(synthetic_video / "frames", synthetic_video / "masks", cfg, tmp_path, torch.device("cpu"))
     background, foreground = layer_motion(data, False), layer_motion(data, True)  # [T, 2] pixels
@@ -171,8 +182,8 @@ def test_layer_motion_recovers_each_layers_translation(synthetic_video, tmp_path
 def test_propagated_displacements_follow_each_layers_motion(synthetic_video, tmp_path):
     """Flow propagated from the middle frame puts every vertex where its layer's content is in
     the middle frame: the background moves -2 px per frame, the (plain red) square +3."""
+    from training.nla import layer_motion, propagated_displacements
     from util.config import load_config
-    from util.nla_training import layer_motion, propagated_displacements
     cfg = load_config("nla", overrides={"resx": 64, "resy": 48})
     data = VideoData(synthetic_video / "frames", synthetic_video / "masks", cfg, tmp_path, torch.device("cpu"))
     for foreground, speed in ((False, -2.0), (True, 3.0)):
@@ -185,7 +196,7 @@ def test_propagated_displacements_follow_each_layers_motion(synthetic_video, tmp
 
 
 def test_fill_holes_keeps_valid_values_and_fills_from_neighbours():
-    from util.nla_training import fill_holes
+    from training.nla import fill_holes
     values = torch.zeros(2, 40, 40)
     values[0, :, :20], values[0, :, 20:] = 1.0, 3.0
     valid = torch.zeros(40, 40, dtype=torch.bool)
@@ -200,7 +211,7 @@ def test_fill_holes_keeps_valid_values_and_fills_from_neighbours():
 
 
 def test_layer_placement_keeps_a_long_pan_inside_the_atlas():
-    from util.nla_training import LAYER_RANGES, layer_placement
+    from training.nla import LAYER_RANGES, layer_placement
     s, half = 0.8, 200.0  # a 400 x 200 video: normalised x in [-1, 1], y in [-1, 0]
     still_lo, still_hi = torch.tensor([-s, -s]), torch.tensor([s, 0.0])
     offset = layer_placement(still_lo, still_hi, s, half, LAYER_RANGES["mapping_background"])
@@ -224,9 +235,9 @@ def test_step_losses_match_the_losses_evaluated_block_by_block(backend, syntheti
     """step_losses runs each network once on all its points; slicing that batch must give the
     same terms as evaluating the model separately at each kind of point (flow partners 1 and 2
     frames away, looked up in each gap's own flow fields)."""
+    from datasets.flow import video_flows
+    from training.nla import build_model, sample_pixels, step_losses
     from util.config import load_config
-    from util.flow import video_flows
-    from util.nla_training import build_model, sample_pixels, step_losses
     cfg = load_config("nla", overrides=["resx=64", "resy=48", "samples_batch=300", f"atlas_backend={backend}",
                                         "flow_gaps=[1,2]",
                                         "derivative_amount=2", "global_rigidity_derivative_amount_fg=30",
@@ -322,8 +333,8 @@ def test_mappings_follow_the_motion(trained, synthetic_video):
 
 def test_checkpoint_loads_in_the_video_renderer(trained, synthetic_video, tmp_path, tiny_clip_file):
     out, _ = trained
+    from training.video import VideoAtlas
     from util.config import load_config
-    from util.video_training import VideoAtlas
     cfg = load_config("video", example="blackswan_gold", overrides={
         "checkpoint_path": str(out / "checkpoint"), "video_path": str(synthetic_video / "frames"),
         "resx": 64, "resy": 48, "maximum_number_of_frames": 8, "grid_atlas_resolution": 200,
@@ -354,7 +365,7 @@ def test_flow_warp_error_is_small_for_a_consistent_edit(trained, synthetic_video
     cfg = load_config("nla", overrides={"resx": 64, "resy": 48})
     data = VideoData(synthetic_video / "frames", synthetic_video / "masks", cfg, out, torch.device("cpu"))
     frames = data.frames.permute(0, 3, 1, 2)
-    from util.flow import video_flows
+    from datasets.flow import video_flows
     two_apart = video_flows(frames, progress=False, gap=2)
     for forward, forward_ok in ((data.forward, data.forward_ok), (two_apart["forward"], two_apart["forward_ok"])):
         error = flow_warp_error(frames, forward, forward_ok)
@@ -453,7 +464,8 @@ def test_palette_masks_and_mask_labels_reach_atlas_training(synthetic_video, tmp
 
 def test_strict_json_writes_null_for_non_finite_numbers():
     import json
-    from util.nla_training import strict_json
+
+    from training.nla import strict_json
     line = strict_json({"a": float("nan"), "b": [1.5, float("inf")], "c": {"d": -float("inf")}, "e": "x"})
     assert json.loads(line) == {"a": None, "b": [1.5, None], "c": {"d": None}, "e": "x"}
 

@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 import train_image
+from losses.clip_loss import Text2LiveLoss
 from models.generator import Generator, split_edit_layer
-from util.clip_loss import Text2LiveLoss
 from util.config import load_config
 
 OUTPUTS = ["composite.png", "edit_layer.png", "alpha.png", "edit_over_green.png"]

@@ -36,8 +36,8 @@ def test_training_writes_every_output(example, layer, overrides):
 
 def test_edit_is_the_same_atlas_edit_in_every_frame(overrides):
     """Temporal consistency by construction: frames sharing a UV get the same edit colour."""
-    from util.video_training import VideoAtlas, edit_video
-    from util.image_training import make_generator
+    from training.image import make_generator
+    from training.video import VideoAtlas, edit_video
     cfg = load_config("video", example="car-turn_winter", overrides=overrides)
     video = VideoAtlas(cfg, "background", torch.device("cpu"))
     torch.manual_seed(0)
@@ -45,7 +45,7 @@ def test_edit_is_the_same_atlas_edit_in_every_frame(overrides):
     atlas_edit, layers = edit_video(g, video, True)
     assert layers.shape == (6, 4, 32, 48)
     # sample the atlas edit directly at frame 3's UVs: equal to the frame's edit colour
-    from util.atlas import sample_atlas
+    from datasets.atlas import sample_atlas
     direct = sample_atlas(atlas_edit, video.box, video.uv[3:4])
     assert torch.allclose(layers[3:4, :3], direct[:, :3], atol=1e-5)
     assert (layers[:, 3:] <= 1 - video.alpha + 1e-6).all()  # hidden behind the foreground
@@ -85,7 +85,7 @@ def test_checkpoint_with_wrong_keys_is_refused(overrides, tmp_path, capsys):
 
 
 def test_every_paper_example_config_loads():
-    from util.video_training import check_video_config
+    from training.video import check_video_config
     names = ["car-turn_winter", "car-turn_rusty", "car-turn_nighttime", "blackswan_crochet", "blackswan_crystal",
              "blackswan_cube", "blackswan_gold", "libby_diamond", "libby_giraffe", "libby_gold", "libby_leopard",
              "lucia_fog", "lucia_winter", "lucia_wonderland"]
@@ -99,7 +99,7 @@ def test_every_paper_example_config_loads():
 
 
 def test_atlas_preparation_is_cached_for_the_next_run(overrides, capsys):
-    from util.video_training import VideoAtlas
+    from training.video import VideoAtlas
     cfg = load_config("video", example="car-turn_winter", overrides=[*overrides, "grid_atlas_resolution=310"])
     first = VideoAtlas(cfg, "background", torch.device("cpu"))
     assert "loaded from" not in capsys.readouterr().out
@@ -130,8 +130,9 @@ def test_foreground_crops_are_seen_through_the_object_opacity(overrides, multipl
     object's opacity; with multiply_foreground_alpha the losses see the edit (colour and alpha)
     through that opacity, and the atlas-sampled crops get the opacity as well."""
     import random
-    from util.image_training import make_generator
-    from util.video_training import VideoAtlas, video_step
+
+    from training.image import make_generator
+    from training.video import VideoAtlas, video_step
     cfg = load_config("video", example="blackswan_gold",
                       overrides=overrides + ["jitter_p=0", f"multiply_foreground_alpha={str(multiply).lower()}"])
     video = VideoAtlas(cfg, "foreground", torch.device("cpu"))
@@ -162,8 +163,9 @@ def test_foreground_crops_are_seen_through_the_object_opacity(overrides, multipl
 
 def test_video_crops_are_colour_jittered_with_jitter_p(overrides):
     import random
-    from util.image_training import make_generator
-    from util.video_training import VideoAtlas, video_step
+
+    from training.image import make_generator
+    from training.video import VideoAtlas, video_step
     cfg = load_config("video", example="car-turn_winter", overrides=overrides + ["jitter_p=1"])
     video = VideoAtlas(cfg, "background", torch.device("cpu"))
     inputs = []
@@ -183,7 +185,7 @@ def test_video_crops_are_colour_jittered_with_jitter_p(overrides):
 def test_video_interrupt_then_resume_matches_an_uninterrupted_run(overrides, monkeypatch, tmp_path):
     """Ctrl-C saves a checkpoint (the unfinished step's randomness rolled back) and resume=
     continues to exactly the result of a run that went straight through."""
-    import util.video_training as vt
+    import training.video as vt
     args = ["--example_config", "car-turn_winter", *overrides, "n_epochs=5", "log_images_freq=2"]
     straight = Path(train_video.main(args))
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from datasets.video_frames import list_frame_files, read_frames, read_masks, write_video
 from util.image_io import InputError
+from util.video_io import list_frame_files, read_frames, read_masks, write_video
 
 SHARED = Path(os.environ.get("TEXT2LIVE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from util.errors import VideoWriteError
+
 FORMATS = {
     "webm": dict(suffix=".webm", args=["-c:v", "libvpx-vp9", "-pix_fmt", "yuva420p", "-b:v", "0", "-crf", "20",
                                        "-auto-alt-ref", "0", "-row-mt", "1"]),
@@ -23,8 +25,6 @@ FORMATS = {
 }
 
 
-class VideoWriteError(RuntimeError):
-    pass
 
 
 def ffmpeg_exe() -> str:

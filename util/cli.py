@@ -3,15 +3,7 @@
 import sys
 import warnings
 
-from models.clip import DownloadError
-from models.nla import CheckpointError
-from models.tokenizer import PromptTooLongError
-from util.config import ConfigError
-from util.image_io import InputError
-from util.training_loop import SaveError
-
-USER_ERRORS = (ConfigError, InputError, DownloadError, FileNotFoundError, PromptTooLongError,
-               CheckpointError)
+from util.errors import USER_ERRORS, SaveError
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):

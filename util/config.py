@@ -16,9 +16,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
 
 
-class ConfigError(ValueError):
-    pass
-
+from util.errors import ConfigError  # noqa: F401  (raised here; importable from here as before)
 
 # ---- value rules --------------------------------------------------------------------------
 # type: bool | int | float | str | text (a string or list of strings) | ints (a list of integers) | any

@@ -10,14 +10,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-
-class DownloadError(RuntimeError):
-    """A file could not be fetched or is damaged. The message is one line saying what to do;
-    `reason` (when set) is the short cause, for callers that write their own message."""
-
-    def __init__(self, message: str, reason: str | None = None):
-        super().__init__(message)
-        self.reason = reason
+from util.errors import DownloadError  # noqa: F401  (raised here)
 
 
 def _one_line(text, limit: int = 200) -> str:

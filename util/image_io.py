@@ -13,8 +13,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 SAMPLE_DATA_HINT = "python -m util.download_data  (downloads the paper's sample images, videos and NLA models into data/)"
 
 
-class InputError(ValueError):
-    pass
+from util.errors import InputError  # noqa: E402,F401
 
 
 def shared_data_root() -> Path:

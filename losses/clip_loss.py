@@ -15,16 +15,29 @@ Text embeddings are computed once, for every text x template, when the loss is b
 import random
 
 import torch
-import torch.nn.functional as F
 
-from datasets.image_dataset import SCREEN_TEMPLATES, TEXT_TEMPLATES, random_size_crop
+from losses import terms as losses
+from losses.clip_views import (
+    STRUCTURE_LONG_MAX,
+    make_views,
+    resize_to,
+    sample_view_params,
+    view_size,
+)
+from losses.relevancy import bootstrap_maps
 from models.tokenizer import tokenize
-from util import losses
-from util.clip_views import STRUCTURE_LONG_MAX, make_views, resize_to, sample_view_params, view_size
+from util import compositing
 from util.config import as_list
+from util.crops import random_size_crop
 from util.precision import autocast, resolve_precision
-from util.relevancy import bootstrap_maps
 
+# The official prompt templates: a text is embedded in each, and each view draws one at random.
+TEXT_TEMPLATES = [
+    "photo of {}.", "high quality photo of {}.", "a photo of {}.", "the photo of {}.",
+    "image of {}.", "an image of {}.", "high quality image of {}.", "a high quality image of {}.",
+    "the {}.", "a {}.", "{}.", "{}", "{}!", "{}...",
+]
+SCREEN_TEMPLATES = ["{} over a green screen.", "{} in front of a green screen."]
 BOOTSTRAP_SIZE = 224
 
 
@@ -99,13 +112,13 @@ class Text2LiveLoss:
         V = cfg["n_aug"]
         h, w = image.shape[-2:]
         view_hw = view_size(h, w)
-        output = losses.composite(colour, alpha, image)  # [1, 3, h, w]
+        output = compositing.composite(colour, alpha, image)  # [1, 3, h, w]
         use_dir = self.src_emb is not None
         use_screen = self.screen_emb is not None
-        green = losses.over_green(colour, alpha) if use_screen else None
+        green = compositing.over_green(colour, alpha) if use_screen else None
         if opacity is not None:
             output = opacity * output
-            green = losses.composite(green, opacity, losses.green_screen(green)) if use_screen else None
+            green = compositing.composite(green, opacity, compositing.green_screen(green)) if use_screen else None
             alpha = alpha * opacity
 
         sources = [output] + ([green] if use_screen else []) + ([image] if use_dir else [])

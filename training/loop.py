@@ -22,14 +22,13 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from util.config import ConfigError, public
+from util.config import public
+from util.errors import ConfigError, SaveError
 
 LOSS_COLUMNS = ["step", "total", "comp_text", "comp_dir", "screen", "structure", "sparsity",
                 "bootstrap", "lambda_bootstrap", "lr"]
 
 
-class SaveError(RuntimeError):
-    """A file of the run could not be written; the previous version of it is intact."""
 
 
 # ---- set-up ---------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ rigidity) and at their flow-corresponding points in the next and previous frames
 import csv
 import json
 import math
-import random
 import time
 import warnings
 from pathlib import Path
@@ -19,15 +18,15 @@ import torch.nn.functional as F
 import yaml
 from tqdm import tqdm
 
-from datasets.video_frames import check_mask_labels, read_frames, read_masks, write_video
+from datasets.atlas import bounding_box
+from datasets.flow import video_flows
+from losses import nla as L
 from models.nla import MLP, GridAtlas, GridMapping, NLAModel, vertex_count
-from util import nla_losses as L
-from util.atlas import bounding_box
+from training.image import pick_device, save_atomic
 from util.config import ConfigError, public
-from util.flow import video_flows
 from util.image_io import save_png
-from util.image_training import pick_device, save_atomic
 from util.precision import resolve_precision
+from util.video_io import check_mask_labels, read_frames, read_masks, write_video
 
 
 class VideoData:

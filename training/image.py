@@ -16,16 +16,30 @@ from pathlib import Path
 
 import torch
 
-from models.clip import load_clip
-from models.generator import Generator, generator_config, generator_from_checkpoint, split_edit_layer
 from datasets.image_dataset import ImageDataset
-from util import losses
-from util.clip_loss import Text2LiveLoss
+from losses.clip_loss import Text2LiveLoss
+from models.clip import load_clip
+from models.generator import (
+    Generator,
+    generator_config,
+    generator_from_checkpoint,
+    split_edit_layer,
+)
+from training.loop import (
+    fit,
+    load_checkpoint,
+    make_optimizer,
+    new_run_dir,
+    pick_device,
+    replace_folder,
+    resolve_seed,
+    save_atomic,
+    seed_run,
+)
+from util import compositing
 from util.config import ConfigError, check_image_config, public
 from util.image_io import read_image, resize_short_side, save_png
 from util.precision import autocast
-from util.training_loop import (fit, load_checkpoint, make_optimizer, new_run_dir, pick_device, replace_folder,
-                                resolve_seed, save_atomic, seed_run)
 
 # An image above this many pixels (after resize_input) is refused before anything is written:
 # training holds about 10 GB per megapixel in float32 on a CPU (6.5 GB at 512x911 = 0.47 MP,
@@ -68,10 +82,10 @@ def render_edit(generator, image):
     """The edit of the whole image: dict of [1, C, H, W] tensors in [0, 1]."""
     colour, alpha = split_edit_layer(generator(image))
     return {
-        "composite": losses.composite(colour, alpha, image),
+        "composite": compositing.composite(colour, alpha, image),
         "edit_layer": torch.cat([colour, alpha], dim=1),
         "alpha": alpha,
-        "edit_over_green": losses.over_green(colour, alpha),
+        "edit_over_green": compositing.over_green(colour, alpha),
     }
 
 

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from kornia.enhance import adjust_hue
+
+from util.colour import grayscale, jitter_colours
 
 VIEW_SHORT = 224       # CLIP's input size on the short side
 VIEW_LONG_MAX = 320    # cap on the long side of the loss views; position embeddings are interpolated
@@ -135,24 +136,11 @@ def sample_view_params(n_views: int, src_hw: tuple[int, int], view_hw: tuple[int
     return ViewParams(homography.float(), jitter.float(), do_jitter, gray)
 
 
-def _grayscale(x):
-    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])  # [V, 1, H, W]
-
-
 def colour_augment(views, params: ViewParams):
-    """Per-view colour jitter and grayscale on [V, 3, H, W] in [0, 1]."""
-    V = views.shape[0]
-    j = params.jitter.to(views.device, views.dtype)
-    on = params.do_jitter.to(views.device).view(V, 1, 1, 1)
-    x = (views * j[:, 0].view(V, 1, 1, 1)).clamp(0, 1)                   # brightness
-    mean = _grayscale(x).mean(dim=(-2, -1), keepdim=True)
-    x = ((x - mean) * j[:, 1].view(V, 1, 1, 1) + mean).clamp(0, 1)       # contrast
-    gray = _grayscale(x)
-    x = ((x - gray) * j[:, 2].view(V, 1, 1, 1) + gray).clamp(0, 1)       # saturation
-    x = adjust_hue(x, j[:, 3] * 2 * math.pi).clamp(0, 1)                 # hue
-    x = torch.where(on, x, views)
-    g = params.gray.to(views.device).view(V, 1, 1, 1)
-    return torch.where(g, _grayscale(x).expand_as(x), x)
+    """Per-view colour jitter (p 0.7) and grayscale (p 0.15) on [V, 3, H, W] in [0, 1]."""
+    x = jitter_colours(views, params.jitter, params.do_jitter)
+    g = params.gray.to(views.device).view(-1, 1, 1, 1)
+    return torch.where(g, grayscale(x).expand_as(x), x)
 
 
 def prescale(image, view_hw):

@@ -22,20 +22,35 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from datasets.image_dataset import colour_jitter
-from datasets.video_frames import read_frames, write_video
+from datasets.atlas import (
+    AtlasBox,
+    bounding_box,
+    discretize_atlas,
+    frame_maps,
+    sample_atlas,
+)
+from losses.clip_loss import Text2LiveLoss
 from models.clip import load_clip
 from models.generator import split_edit_layer
 from models.nla import NLAModel
-from util import losses
-from util.atlas import AtlasBox, bounding_box, discretize_atlas, frame_maps, sample_atlas
-from util.clip_loss import Text2LiveLoss
+from training.image import load_generator, make_generator
+from training.loop import (
+    fit,
+    load_checkpoint,
+    make_optimizer,
+    new_run_dir,
+    pick_device,
+    replace_folder,
+    resolve_seed,
+    save_atomic,
+    seed_run,
+)
+from util import compositing
+from util.colour import colour_jitter
 from util.config import ConfigError, check_texts, public
 from util.image_io import resolve_data_path, save_png
-from util.image_training import load_generator, make_generator
-from util.training_loop import (fit, load_checkpoint, make_optimizer, new_run_dir, pick_device, replace_folder,
-                                resolve_seed, save_atomic, seed_run)
 from util.precision import autocast
+from util.video_io import read_frames, write_video
 
 
 def check_video_config(cfg: dict) -> None:
@@ -243,7 +258,7 @@ def composite_layers(frames, edit_layers: list):
     """Edit layers ([T, 4, H, W] each, bottom first) over the frames [T, 3, H, W]."""
     out = frames
     for layer in edit_layers:
-        out = losses.composite(layer[:, :3], layer[:, 3:], out)
+        out = compositing.composite(layer[:, :3], layer[:, 3:], out)
     return out
 
 
@@ -254,7 +269,7 @@ def save_video_outputs(folder: Path, frames, edit_layers: list, fps: int, atlase
     opacity = 1 - torch.stack([1 - layer[:, 3:] for layer in edit_layers]).prod(dim=0)
     premultiplied = composite_layers(torch.zeros_like(frames), edit_layers)
     top = torch.cat([premultiplied / opacity.clamp(min=1e-6), opacity], dim=1)
-    green = losses.over_green(top[:, :3], top[:, 3:])
+    green = compositing.over_green(top[:, :3], top[:, 3:])
 
     def write(tmp):
         write_video(output, tmp / "edited.mp4", fps)
@@ -270,7 +285,7 @@ def save_video_outputs(folder: Path, frames, edit_layers: list, fps: int, atlase
 
 def atlas_images(video: VideoAtlas, atlas_edit):
     colour, alpha = split_edit_layer(atlas_edit)
-    return {"atlas_original": video.atlas, "atlas_edited": losses.composite(colour, alpha, video.atlas),
+    return {"atlas_original": video.atlas, "atlas_edited": compositing.composite(colour, alpha, video.atlas),
             "atlas_edit_layer": atlas_edit}
 
 

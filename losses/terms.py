@@ -1,4 +1,4 @@
-"""Compositing and the Text2LIVE losses as pure functions (paper Eq. 1-8).
+"""The Text2LIVE losses as pure functions (paper Eq. 1-8); compositing is util/compositing.py.
 
 Embeddings are raw CLIP outputs; every function normalises what it needs.
 """
@@ -6,24 +6,7 @@ Embeddings are raw CLIP outputs; every function normalises what it needs.
 import torch
 import torch.nn.functional as F
 
-GREEN = (0.0, 177 / 255, 64 / 255)  # the official green screen colour
 COSINE_SCALE = 1.2  # the official cosine text criterion is 1.2 * (1 - cos)
-
-
-def composite(colour, alpha, background):
-    """alpha * C + (1 - alpha) * background. colour [B, 3, H, W], alpha [B, 1, H, W]."""
-    return alpha * colour + (1 - alpha) * background
-
-
-def green_screen(like):
-    """The green screen colour (0, 177, 64) / 255 as a [1, 3, 1, 1] tensor like `like`."""
-    return torch.tensor(GREEN, dtype=like.dtype, device=like.device).view(1, 3, 1, 1)
-
-
-def over_green(colour, alpha):
-    """The edit layer over the green screen."""
-    return composite(colour, alpha, green_screen(colour))
-
 
 def text_distance(image_emb, text_emb, criterion: str = "spherical"):
     """Per-row distance between image and text embeddings [N, E], [N, E] -> [N].
