@@ -81,3 +81,18 @@ def test_integer_lists():
                          ("flow_gaps=[1, 2.5]", "a list of integers"), ("flow_gaps=[]", "a list of integers")):
         with pytest.raises(ConfigError, match=message):
             load_config("nla", overrides=[arg])
+
+
+def test_each_kind_has_its_schema_and_cross_key_checks():
+    from util.config import CHECKS, SCHEMAS, check_nla_config
+    assert set(SCHEMAS) == set(CHECKS) == {"image", "video", "nla"}
+    assert SCHEMAS["image"]["n_epochs"] is SCHEMAS["video"]["n_epochs"]  # shared keys share one rule
+    assert "n_epochs" not in SCHEMAS["nla"] and "iters_num" not in SCHEMAS["image"]
+    for kind in SCHEMAS:  # every default file passes its own schema
+        load_config(kind)
+    cfg = load_config("nla", overrides=["mask_labels=[0]"])
+    with pytest.raises(ConfigError, match="mask_labels"):
+        check_nla_config(cfg)
+    cfg = load_config("video", overrides=["comp_text=snow", "finetune_foreground=true"])
+    with pytest.raises(ConfigError, match="exactly one"):
+        CHECKS["video"](cfg)

@@ -9,10 +9,8 @@ in place and stops the run with a one-line SaveError.
 """
 
 import csv
-import errno
 import os
 import random
-import shutil
 import sys
 import time
 import warnings
@@ -24,6 +22,7 @@ from tqdm import tqdm
 
 from util.config import public
 from util.errors import ConfigError, SaveError
+from util.files import replace_folder, save_atomic, save_failed, write_text_atomic  # noqa: F401  (re-exported)
 
 LOSS_COLUMNS = ["step", "total", "comp_text", "comp_dir", "screen", "structure", "sparsity",
                 "bootstrap", "lambda_bootstrap", "lr"]
@@ -96,61 +95,6 @@ def load_checkpoint(path: Path, what: str = "checkpoint") -> dict:
     return state
 
 
-# ---- atomic writes ------------------------------------------------------------------------------
-
-def _save_failed(path, e: OSError) -> SaveError:
-    reason = os.strerror(e.errno) if e.errno else str(e)
-    if e.errno == errno.ENOSPC:
-        reason += "; free some disk space"
-    return SaveError(f"could not write {path} ({reason}); the previous version, if any, is intact")
-
-
-def save_atomic(obj, path: Path):
-    """torch.save to a temporary file, then rename: a failed write leaves `path` as it was."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".part")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise _save_failed(path, e) from None
-
-
-def replace_folder(write, folder: Path):
-    """Build a folder with write(tmp_folder), then swap it in for `folder` (atomic as a whole:
-    a failed write leaves the previous folder, if any, untouched)."""
-    folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".partial")
-    old = folder.with_name(folder.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
-        write(tmp)
-        if folder.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not folder.exists():
-            os.replace(old, folder)
-        raise _save_failed(folder, e) from None
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def write_text_atomic(path: Path, text: str):
-    path = Path(path)
-    tmp = path.with_name(path.name + ".part")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise _save_failed(path, e) from None
-
-
 # ---- loss log ------------------------------------------------------------------------------------
 
 class LossLog:
@@ -173,7 +117,7 @@ class LossLog:
             self.writer.writerow({k: row.get(k, "") for k in self.columns})
             self.file.flush()
         except OSError as e:
-            raise _save_failed(self.path, e) from None
+            raise save_failed(self.path, e) from None
 
     def close(self):
         try:
@@ -209,7 +153,7 @@ def plot_losses(csv_path: Path, png_path: Path, columns=LOSS_COLUMNS):
         os.replace(tmp, png_path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise _save_failed(png_path, e) from None
+        raise save_failed(png_path, e) from None
     finally:
         plt.close(fig)
 

@@ -13,26 +13,19 @@ edited.mp4 + frames/, edit_layer_green.mp4 + edit_layer_rgba/, atlas_original.pn
 atlas_edited.png, atlas_edit_layer.png, side_by_side.mp4 (input | edit over green | output).
 """
 
-import hashlib
-import math
 import random
-import warnings
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from datasets.atlas import (
-    AtlasBox,
-    bounding_box,
-    discretize_atlas,
-    frame_maps,
     sample_atlas,
 )
+from datasets.video_atlas import VideoAtlas
 from losses.clip_loss import Text2LiveLoss
 from models.clip import load_clip
 from models.generator import split_edit_layer
-from models.nla import NLAModel
 from training.image import load_generator, make_generator
 from training.loop import (
     fit,
@@ -47,144 +40,19 @@ from training.loop import (
 )
 from util import compositing
 from util.colour import colour_jitter
-from util.config import ConfigError, check_texts, public
-from util.image_io import resolve_data_path, save_png
+from util.config import ConfigError, check_video_config, public
+from util.image_io import save_png
 from util.precision import autocast
-from util.video_io import read_frames, write_video
-
-
-def check_video_config(cfg: dict) -> None:
-    if cfg["render_foreground"] or cfg["render_background"]:
-        return
-    check_texts(cfg)
-    if cfg["finetune_foreground"] == cfg["finetune_background"]:
-        raise ConfigError("set exactly one of finetune_foreground / finetune_background (one atlas per run; "
-                          "render_foreground= and render_background= combine two runs)")
-
-
-def default_video_path(cfg: dict) -> str:
-    return cfg["video_path"] or f"data/videos/{Path(cfg['checkpoint_path']).parent.name}"
-
-
-class VideoAtlas:
-    """The frames, the NLA model, and the edited layer's UV maps and discretised atlas."""
-
-    def __init__(self, cfg: dict, layer: str, device):
-        self.cfg, self.layer, self.device = cfg, layer, device
-        self.frames = read_frames(default_video_path(cfg), cfg["resx"], cfg["resy"],
-                                  cfg["maximum_number_of_frames"]).to(device)  # [T, 3, H, W]
-        T = self.frames.shape[0]
-        checkpoint = Path(resolve_data_path(cfg["checkpoint_path"]))
-        self.nla = NLAModel.from_checkpoint(checkpoint, cfg["resx"], cfg["resy"], T)
-        self.nla = self.nla.to(device).eval().requires_grad_(False)
-        cache = self.cache_path(checkpoint, T) if cfg.get("atlas_cache", True) else None
-        if cache is not None and cache.is_file():
-            prepared = torch.load(cache, map_location=device, weights_only=False)
-            print(f"atlas preparation loaded from {cache}")
-        else:
-            prepared = self.prepare(cfg, layer, device)
-            if cache is not None:
-                try:
-                    save_atomic({k: v.cpu() if torch.is_tensor(v) else v for k, v in prepared.items()}, cache)
-                except OSError as e:  # a read-only checkpoint folder: carry on without the cache
-                    warnings.warn(f"could not cache the atlas preparation at {cache} ({e.strerror})")
-        self.alpha, self.uv, self.mask = prepared["alpha"], prepared["uv"], prepared["mask"]
-        self.box, self.atlas = AtlasBox(**prepared["box"]), prepared["atlas"]
-        self.check_atlas_size(self.box)
-        self.layer_frames = torch.cat([sample_atlas(self.atlas, self.box, self.uv[t:t + 1], cfg["align_corners"])
-                                       for t in range(T)])  # [T, 3, H, W] the layer as the atlas shows it
-
-    def check_atlas_size(self, box: AtlasBox):
-        if max(box.size) <= 2 ** self.cfg["num_scales"]:
-            raise ConfigError(f"the {self.layer} atlas is only {box.size[0]}x{box.size[1]} px at "
-                              f"grid_atlas_resolution={self.cfg['grid_atlas_resolution']}; raise it or lower num_scales")
-
-    def cache_path(self, checkpoint: Path, T: int) -> Path:
-        """Where this preparation is kept: next to the checkpoint, keyed by everything it depends on."""
-        cfg, stat = self.cfg, checkpoint.stat()
-        key = (stat.st_size, stat.st_mtime_ns, cfg["resx"], cfg["resy"], T, self.layer,
-               cfg["grid_atlas_resolution"], cfg["mask_alpha_threshold"])
-        digest = hashlib.sha256(repr(key).encode()).hexdigest()[:16]
-        return checkpoint.parent / "atlas_cache" / f"{self.layer}_{digest}.pt"
-
-    def prepare(self, cfg: dict, layer: str, device) -> dict:
-        """UV maps, opacity, the atlas box and the discretised atlas (the slow part, done once)."""
-        maps = frame_maps(self.nla, device)
-        alpha = maps["alpha"].permute(0, 3, 1, 2)  # [T, 1, H, W] foreground opacity
-        uv = maps["uv_fg" if layer == "foreground" else "uv_bg"]  # [T, H, W, 2]
-        if layer == "foreground":
-            mask = alpha[:, 0] > cfg["mask_alpha_threshold"]  # [T, H, W]
-            if not mask.any():
-                raise ConfigError(f"no pixel has foreground opacity above mask_alpha_threshold="
-                                  f"{cfg['mask_alpha_threshold']}; lower it or edit the background")
-            resolution = cfg["grid_atlas_resolution"]
-        else:
-            mask = torch.ones_like(alpha[:, 0], dtype=torch.bool)
-            resolution = cfg["grid_atlas_resolution"] / 3  # the background atlas at a third, for memory
-        box = bounding_box(uv[mask], resolution=resolution)
-        self.check_atlas_size(box)
-        atlas = discretize_atlas(self.nla, box, device)  # [1, 3, h, w]
-        return {"alpha": alpha, "uv": uv, "mask": mask, "atlas": atlas,
-                "box": dict(u0=box.u0, v0=box.v0, u1=box.u1, v1=box.v1, resolution=box.resolution)}
-
-    @property
-    def n_frames(self) -> int:
-        return self.frames.shape[0]
-
-    def sub_box(self, uv, min_side: int):
-        """The atlas pixels holding `uv` [N, 2] (at least min_side per side): (AtlasBox, i0, i1, j0, j1)."""
-        box, res = self.box, self.box.resolution
-        h, w = box.size
-        lo, hi = uv.min(dim=0).values, uv.max(dim=0).values
-        j0, j1 = math.floor((float(lo[0]) - box.u0) * res) - 2, math.ceil((float(hi[0]) - box.u0) * res) + 2
-        i0, i1 = math.floor((float(lo[1]) - box.v0) * res) - 2, math.ceil((float(hi[1]) - box.v0) * res) + 2
-
-        def widen(a, b, size):
-            short = max(0, min_side - (b - a))
-            a, b = a - short // 2, b + short - short // 2
-            a, b = max(0, a), min(size, b)
-            return (0, size) if b - a < min(min_side, size) else (a, b)
-
-        i0, i1 = widen(i0, i1, h)
-        j0, j1 = widen(j0, j1, w)
-        sub = AtlasBox(box.u0 + j0 / res, box.v0 + i0 / res, box.u0 + j1 / res, box.v0 + i1 / res, res)
-        return sub, i0, i1, j0, j1
-
-    def frame_region(self, t: int):
-        """(y0, y1, x0, x1) where crops of frame t are taken: the object box (+ border) or the frame."""
-        H, W = self.frames.shape[-2:]
-        if self.layer == "background":
-            return 0, H, 0, W
-        ys, xs = torch.nonzero(self.mask[t], as_tuple=True)
-        if ys.numel() == 0:
-            return 0, H, 0, W
-        e = self.cfg["masks_border_expansion"]
-        return (max(0, int(ys.min()) - e), min(H, int(ys.max()) + 1 + e),
-                max(0, int(xs.min()) - e), min(W, int(xs.max()) + 1 + e))
-
+from util.video_io import write_video
 
 # ---- training ---------------------------------------------------------------------------------
 
 def video_step(generator, video: VideoAtlas, loss_fn, step: int, rng: random.Random, torch_gen, precision):
     """Losses of one step (not yet backpropagated): (total tensor, {term: float})."""
     cfg = video.cfg
-    T = video.n_frames
-    min_side = 2 ** cfg["num_scales"] + 1
-    t = rng.randrange(T)
-    k = cfg["center_frame_distance"]
-    ts = sorted({min(max(t + d, 0), T - 1) for d in (-k, 0, k)})
-    y0, y1, x0, x1 = video.frame_region(t)
-    cover = cfg["crops_min_cover"]
-    h = rng.randint(max(1, math.ceil(cover * (y1 - y0))), y1 - y0)
-    w = rng.randint(max(1, math.ceil(cover * (x1 - x0))), x1 - x0)
-    top, left = rng.randint(y0, y1 - h), rng.randint(x0, x1 - w)
-    crop = (slice(top, top + h), slice(left, left + w))
-
-    uv = video.uv[ts][:, crop[0], crop[1]]  # [F, h, w, 2]
-    inside = video.mask[ts][:, crop[0], crop[1]]
-    sub, i0, i1, j0, j1 = video.sub_box(uv[inside] if inside.any() else uv.reshape(-1, 2), min_side)
-    atlas_crop = video.atlas[:, :, i0:i1, j0:j1]  # [1, 3, ah, aw]
-    flip = rng.random() < cfg["flip_p"]
+    crop = video.sample_crop(rng, min_side=2 ** cfg["num_scales"] + 1)
+    t, ts, uv, sub, atlas_crop, flip = crop.t, crop.frames, crop.uv, crop.box, crop.atlas, crop.flip
+    crop = (crop.rows, crop.cols)
 
     def edit(x):
         with autocast(x.device, precision):

@@ -26,22 +26,89 @@ COVER = dict(type="float", min=0.01, max=1.0)
 POSITIVE = dict(type="float", min=0.0, exclusive_min=True)
 NONNEG = dict(type="float", min=0.0)
 
-RULES = {
-    "image_path": dict(type="str", nullable=True),
-    "video_path": dict(type="str", nullable=True),
-    "checkpoint_path": dict(type="str", nullable=True),
-    "resume": dict(type="str", nullable=True),
-    "render": dict(type="str", nullable=True),
-    "render_foreground": dict(type="str", nullable=True),
-    "render_background": dict(type="str", nullable=True),
+# every kind: where and how a run goes
+RUN_RULES = {
+    "device": dict(type="str", pattern=r"auto|cpu|cuda(:\d+)?|mps"),
+    "seed": dict(type="int", min=-1),
+    "mixed_precision": dict(type="str", choices=["auto", "bf16", "off"]),
+    "lr": POSITIVE,
+}
+
+# video editing and atlas training: the video's size and frames
+VIDEO_INPUT_RULES = {
     "resx": dict(type="int", min=8),
     "resy": dict(type="int", min=8),
     "maximum_number_of_frames": dict(type="int", min=1),
     "fps": dict(type="int", min=1),
+}
+
+# image and video editing: texts, CLIP losses, generator, optimisation, the run folder
+EDIT_RULES = {
+    "resume": dict(type="str", nullable=True),
+    "results_folder": dict(type="str"),
+    "wandb_entity": dict(type="str", nullable=True),
+    "n_epochs": dict(type="int", min=1),
+    "log_images_freq": dict(type="int", min=1),
+    "comp_text": dict(type="text", nullable=True),
+    "src_text": dict(type="text", nullable=True),
+    "screen_text": dict(type="text", nullable=True),
+    "bootstrap_text": dict(type="text", nullable=True),
+    "bootstrap_negative_text": dict(type="text", nullable=True),
+    "bootstrap_negative_map_threshold": PROB,
+    "crops_min_cover": COVER,
+    "bootstrapping_min_cover": COVER,
+    "flip_p": PROB,
+    "jitter_p": PROB,
+    "clip_affine_transform_fill": PROB,
+    "n_aug": dict(type="int", min=1),
+    "text_criterion": dict(type="str", choices=["spherical", "cosine"]),
+    "structure_loss": dict(type="str", choices=["mse", "fro"]),
+    "bootstrap_scheduler": dict(type="str", choices=["linear", "exponential", "none"]),
+    "relevancy_num_layers": dict(type="int", min=-1),
+    "optimizer": dict(type="str", choices=["madgrad", "adam", "radam", "rmsprop", "sgd"]),
+    "scheduler_policy": dict(type="str", choices=["exponential", "none"]),
+    "momentum": dict(type="float", min=0.0, max=1.0, exclusive_max=True),
+    "weight_decay": NONNEG,
+    "gamma": dict(type="float", min=0.0, max=1.0, exclusive_min=True),
+    "min_lr": NONNEG,
+    "num_scales": dict(type="int", min=1, max=12),
+    "skip_n33d": dict(type="int", min=1),
+    "skip_n33u": dict(type="int", min=1),
+    "skip_n11": dict(type="int", min=0),
+    "lambda_composition": NONNEG,
+    "lambda_screen": NONNEG,
+    "lambda_structure": NONNEG,
+    "lambda_sparsity": NONNEG,
+    "lambda_alpha_l1": NONNEG,
+    "lambda_alpha_l0": NONNEG,
+    "lambda_bootstrap": NONNEG,
+    "lambda_bootstrap_min": NONNEG,
+}
+
+# image editing only
+IMAGE_RULES = {
+    "image_path": dict(type="str", nullable=True),
+    "render": dict(type="str", nullable=True),
+    "d_divisible_crops": dict(type="int", min=1),
+    "max_megapixels": dict(type="float", min=0.0, exclusive_min=True),
+    "scale_min": POSITIVE,
+    "scale_max": POSITIVE,
+}
+
+# video editing only
+VIDEO_RULES = {
+    "video_path": dict(type="str", nullable=True),
+    "checkpoint_path": dict(type="str", nullable=True),
+    "render_foreground": dict(type="str", nullable=True),
+    "render_background": dict(type="str", nullable=True),
     "grid_atlas_resolution": dict(type="int", min=8),
     "mask_alpha_threshold": dict(type="float", min=0.0, max=1.0, exclusive_max=True),
     "masks_border_expansion": dict(type="int", min=0),
     "center_frame_distance": dict(type="int", min=0),
+}
+
+# atlas training only
+NLA_RULES = {
     "iters_num": dict(type="int", min=0),
     "number_of_layers_atlas": dict(type="int", min=2),
     "number_of_layers_alpha": dict(type="int", min=2),
@@ -67,60 +134,21 @@ RULES = {
     "pretrain_iter_number": dict(type="int", min=0),
     "uv_mapping_scale": dict(type="float", min=0.05, max=1.0),
     "evaluate_every": dict(type="int", min=1),
-    "results_folder": dict(type="str"),
-    "wandb_entity": dict(type="str", nullable=True),
-    "d_divisible_crops": dict(type="int", min=1),
-    "device": dict(type="str", pattern=r"auto|cpu|cuda(:\d+)?|mps"),
-    "seed": dict(type="int", min=-1),
-    "mixed_precision": dict(type="str", choices=["auto", "bf16", "off"]),
-    "n_epochs": dict(type="int", min=1),
-    "max_megapixels": dict(type="float", min=0.0, exclusive_min=True),
-    "log_images_freq": dict(type="int", min=1),
-    "comp_text": dict(type="text", nullable=True),
-    "src_text": dict(type="text", nullable=True),
-    "screen_text": dict(type="text", nullable=True),
-    "bootstrap_text": dict(type="text", nullable=True),
-    "bootstrap_negative_text": dict(type="text", nullable=True),
-    "bootstrap_negative_map_threshold": PROB,
-    "crops_min_cover": COVER,
-    "bootstrapping_min_cover": COVER,
-    "scale_min": POSITIVE,
-    "scale_max": POSITIVE,
-    "flip_p": PROB,
-    "jitter_p": PROB,
-    "clip_affine_transform_fill": PROB,
-    "n_aug": dict(type="int", min=1),
-    "text_criterion": dict(type="str", choices=["spherical", "cosine"]),
-    "structure_loss": dict(type="str", choices=["mse", "fro"]),
-    "bootstrap_scheduler": dict(type="str", choices=["linear", "exponential", "none"]),
-    "relevancy_num_layers": dict(type="int", min=-1),
-    "optimizer": dict(type="str", choices=["madgrad", "adam", "radam", "rmsprop", "sgd"]),
-    "scheduler_policy": dict(type="str", choices=["exponential", "none"]),
-    "lr": POSITIVE,
-    "momentum": dict(type="float", min=0.0, max=1.0, exclusive_max=True),
-    "weight_decay": NONNEG,
-    "gamma": dict(type="float", min=0.0, max=1.0, exclusive_min=True),
-    "min_lr": NONNEG,
-    "num_scales": dict(type="int", min=1, max=12),
-    "skip_n33d": dict(type="int", min=1),
-    "skip_n33u": dict(type="int", min=1),
-    "skip_n11": dict(type="int", min=0),
-    "lambda_composition": NONNEG,
-    "lambda_screen": NONNEG,
-    "lambda_structure": NONNEG,
-    "lambda_sparsity": NONNEG,
-    "lambda_alpha_l1": NONNEG,
-    "lambda_alpha_l0": NONNEG,
-    "lambda_bootstrap": NONNEG,
-    "lambda_bootstrap_min": NONNEG,
+}
+
+# One schema per kind: the keys that mean the same share one rule.
+SCHEMAS = {
+    "image": {**RUN_RULES, **EDIT_RULES, **IMAGE_RULES},
+    "video": {**RUN_RULES, **VIDEO_INPUT_RULES, **EDIT_RULES, **VIDEO_RULES},
+    "nla": {**RUN_RULES, **VIDEO_INPUT_RULES, **NLA_RULES},
 }
 
 TYPE_NAMES = {"bool": "true/false", "int": "an integer", "float": "a number", "str": "a string",
               "text": "a string or a list of strings", "ints": "a list of integers", "any": "a value"}
 
 
-def _rule_for(key, default):
-    rule = dict(RULES.get(key, {}))
+def _rule_for(key, default, schema: dict):
+    rule = dict(schema.get(key, {}))
     if "type" not in rule:
         if isinstance(default, bool):
             rule["type"] = "bool"
@@ -255,11 +283,10 @@ def merge(defaults: dict, update: dict, source: str) -> dict:
     return merged
 
 
-def validate(cfg: dict, defaults: dict) -> dict:
-    out = {}
-    for key, value in cfg.items():
-        out[key] = _check_value(key, value, _rule_for(key, defaults.get(key)))
-    return out
+def validate(cfg: dict, defaults: dict, kind: str) -> dict:
+    """Every value checked against its kind's schema (keys without a rule take their default's type)."""
+    schema = SCHEMAS[kind]
+    return {key: _check_value(key, value, _rule_for(key, defaults.get(key), schema)) for key, value in cfg.items()}
 
 
 def as_list(text) -> list:
@@ -299,7 +326,7 @@ def load_config(kind: str, config=None, example=None, overrides=()) -> dict:
             overrides = parse_overrides(overrides)
         cfg = merge(cfg, overrides, "the command line")
     name = cfg.pop("_example", None) or (Path(config).stem if config else kind)
-    cfg = validate(cfg, defaults)
+    cfg = validate(cfg, defaults, kind)
     cfg["_name"] = name
     return cfg
 
@@ -345,3 +372,37 @@ def check_image_config(cfg: dict) -> None:
         raise ConfigError(f"scale_min ({cfg['scale_min']}) must not exceed scale_max ({cfg['scale_max']})")
     if cfg["use_negative_bootstrap"] and not as_list(cfg["bootstrap_negative_text"]):
         raise ConfigError("use_negative_bootstrap is true but bootstrap_negative_text is empty; set it or turn it off")
+
+
+def check_video_config(cfg: dict) -> None:
+    """Checks across keys for train_video.py."""
+    if cfg["render_foreground"] or cfg["render_background"] or cfg["resume"]:
+        return
+    check_texts(cfg)
+    if cfg["finetune_foreground"] == cfg["finetune_background"]:
+        raise ConfigError("set exactly one of finetune_foreground / finetune_background (one atlas per run; "
+                          "render_foreground= and render_background= combine two runs)")
+    if cfg["use_negative_bootstrap"] and not as_list(cfg["bootstrap_negative_text"]):
+        raise ConfigError("use_negative_bootstrap is true but bootstrap_negative_text is empty; set it or turn it off")
+
+
+def check_mask_labels(labels):
+    """The config key mask_labels: None (every non-zero label is the object) or a list of palette
+    label indices 1..255 (a bare integer is read as a list of one). ConfigError otherwise."""
+    if labels is None:
+        return None
+    if isinstance(labels, int) and not isinstance(labels, bool):
+        labels = [labels]
+    if not isinstance(labels, (list, tuple)) or not labels or \
+            not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 255 for v in labels):
+        raise ConfigError(f"config key 'mask_labels' must be null or a list of palette label indices 1..255 "
+                          f"(e.g. mask_labels=[1] or [2,3]), got {labels!r}")
+    return sorted(set(labels))
+
+
+def check_nla_config(cfg: dict) -> None:
+    """Checks for train_nla.py beyond single values: the mask labels to keep."""
+    check_mask_labels(cfg["mask_labels"])
+
+
+CHECKS = {"image": check_image_config, "video": check_video_config, "nla": check_nla_config}

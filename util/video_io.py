@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from util.config import ConfigError
+from util.config import check_mask_labels
 from util.image_io import InputError, resolve_data_path
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
@@ -91,20 +91,6 @@ def read_frames(path, resx: int, resy: int, max_frames: int, min_frames: int = 1
     if video.shape[-2:] != (resy, resx):
         video = F.interpolate(video, size=(resy, resx), mode="bilinear", align_corners=False, antialias=True)
     return video.clamp(0, 1)
-
-
-def check_mask_labels(labels):
-    """The config key mask_labels: None (every non-zero label is the object) or a list of palette
-    label indices 1..255 (a bare integer is read as a list of one). ConfigError otherwise."""
-    if labels is None:
-        return None
-    if isinstance(labels, int) and not isinstance(labels, bool):
-        labels = [labels]
-    if not isinstance(labels, (list, tuple)) or not labels or \
-            not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 255 for v in labels):
-        raise ConfigError(f"config key 'mask_labels' must be null or a list of palette label indices 1..255 "
-                          f"(e.g. mask_labels=[1] or [2,3]), got {labels!r}")
-    return sorted(set(labels))
 
 
 def _object_pixels(img: Image.Image, labels):
