@@ -100,7 +100,7 @@ class Text2LiveLoss:
         return losses.self_similarity(tokens.float())
 
     # -- the loss -----------------------------------------------------------------------
-    def __call__(self, image, colour, alpha, step: int, rng: random.Random, generator: torch.Generator,
+    def __call__(self, image, colour, alpha, step: int, rng: random.Random, torch_gen: torch.Generator,
                  opacity=None):
         """image, colour: [1, 3, h, w]; alpha: [1, 1, h, w]. Returns (total, {term: float}).
 
@@ -123,9 +123,9 @@ class Text2LiveLoss:
 
         sources = [output] + ([green] if use_screen else []) + ([image] if use_dir else [])
         if cfg.get("shared_clip_views", False):
-            params = sample_view_params(V, (h, w), view_hw, generator)
+            params = sample_view_params(V, (h, w), view_hw, torch_gen)
         else:
-            params = [sample_view_params(V, (h, w), view_hw, generator) for _ in sources]
+            params = [sample_view_params(V, (h, w), view_hw, torch_gen) for _ in sources]
         views = make_views(sources, params, view_hw, fill=cfg["clip_affine_transform_fill"])
 
         grad_batch = views[:2] if use_screen else views[:1]

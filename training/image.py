@@ -41,10 +41,8 @@ from util.config import ConfigError, check_image_config, public
 from util.image_io import read_image, resize_short_side, save_png
 from util.precision import autocast
 
-# An image above this many pixels (after resize_input) is refused before anything is written:
-# training holds about 10 GB per megapixel in float32 on a CPU (6.5 GB at 512x911 = 0.47 MP,
-# of which ~1.5 GB is CLIP), so 2 MP (e.g. 1920x1080) is about what a 24 GB machine holds.
-# Raise max_megapixels for a machine with more memory.
+# An image above max_megapixels (after resize_input) is refused before anything is written: the
+# memory training needs grows with the pixel count (measured figures: README, "Time and memory").
 
 
 # ---- set-up ---------------------------------------------------------------------------------

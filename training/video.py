@@ -26,7 +26,7 @@ from datasets.video_atlas import VideoAtlas
 from losses.clip_loss import Text2LiveLoss
 from models.clip import load_clip
 from models.generator import split_edit_layer
-from training.image import load_generator, make_generator
+from training.image import load_generator, make_generator, save_edit
 from training.loop import (
     fit,
     load_checkpoint,
@@ -186,13 +186,8 @@ def train(cfg: dict, run_dir: Path | None = None, state: dict | None = None) -> 
     def snapshot_fn(folder, step):
         atlas_edit, layers = edit_video(generator, video, cfg["multiply_foreground_alpha"])
         mid = video.n_frames // 2
-        images = {**atlas_images(video, atlas_edit),
-                  f"frame_{mid:05d}": composite_layers(video.frames[mid:mid + 1], [layers[mid:mid + 1]])}
-
-        def write(tmp):
-            for name, image in images.items():
-                save_png(image, tmp / f"{name}.png")
-        replace_folder(write, folder)
+        save_edit({**atlas_images(video, atlas_edit),
+                   f"frame_{mid:05d}": composite_layers(video.frames[mid:mid + 1], [layers[mid:mid + 1]])}, folder)
         if step >= cfg["save_model_starting_epoch"]:
             save_atomic(model_state(generator, cfg, video), run_dir / "checkpoints" / f"generator_step_{step:05d}.pt")
 
