@@ -1,8 +1,9 @@
 """CLIP's byte-level BPE tokenizer, reimplemented to give exactly OpenAI's token ids.
 
-The vocabulary file (bpe_simple_vocab_16e6.txt.gz) is not part of this repository: it is
-found in the cache ($TEXT2LIVE_CACHE), in an installed package that ships it
-(`pip install --no-deps clip-anytorch`), or downloaded once and checksum-verified.
+The vocabulary file (bpe_simple_vocab_16e6.txt.gz, MIT-licensed data from OpenAI's CLIP) ships
+in models/vocab/; should that copy be missing or damaged, the one in the cache
+($TEXT2LIVE_CACHE), in an installed package that ships it (clip-anytorch), or a download,
+checksum-verified, is used instead.
 """
 
 import gzip
@@ -48,8 +49,13 @@ def _packaged_vocab():
     return None
 
 
+SHIPPED_VOCAB = Path(__file__).resolve().parent / "vocab" / VOCAB_NAME
+
+
 def find_bpe_vocab() -> Path:
-    """Cache -> installed package -> verified download."""
+    """The shipped copy -> cache -> installed package -> verified download."""
+    if SHIPPED_VOCAB.is_file() and sha256_file(SHIPPED_VOCAB) == VOCAB_SHA256:
+        return SHIPPED_VOCAB
     cached = cache_dir() / VOCAB_NAME
     if cached.exists():
         return fetch_verified(VOCAB_NAME, VOCAB_URL, VOCAB_SHA256)  # verifies the cached copy
@@ -59,8 +65,8 @@ def find_bpe_vocab() -> Path:
     try:
         return fetch_verified(VOCAB_NAME, VOCAB_URL, VOCAB_SHA256, desc="CLIP vocabulary")
     except DownloadError as e:
-        raise DownloadError(f"CLIP's BPE vocabulary is missing ({e}); install it with "
-                            f"`pip install --no-deps clip-anytorch==2.6.0` or place {VOCAB_NAME} at {cached}") from e
+        raise DownloadError(f"CLIP's BPE vocabulary is missing ({e}); restore {SHIPPED_VOCAB} "
+                            f"(git checkout models/vocab) or place {VOCAB_NAME} at {cached}") from e
 
 
 def _bytes_to_unicode() -> dict:

@@ -43,3 +43,14 @@ def test_over_long_text_errors_or_truncates():
         tokenize(long)
     cut = tokenize(long, truncate=True)[0]
     assert cut[-1] == 49407 and cut[0] == 49406 and (cut != 0).all()
+
+
+def test_the_vocabulary_ships_with_the_project(tmp_path, monkeypatch):
+    from models import tokenizer
+    from util.downloads import sha256_file
+    monkeypatch.setenv("TEXT2LIVE_CACHE", str(tmp_path))  # an empty cache, and no download
+    monkeypatch.setattr(tokenizer, "_packaged_vocab", lambda: None)
+    monkeypatch.setattr(tokenizer, "fetch_verified", lambda *a, **k: (_ for _ in ()).throw(AssertionError("download")))
+    path = tokenizer.find_bpe_vocab()
+    assert path == tokenizer.SHIPPED_VOCAB and sha256_file(path) == tokenizer.VOCAB_SHA256
+    assert (path.parent / "LICENSE").read_text().startswith("MIT License")
