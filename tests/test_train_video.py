@@ -21,7 +21,7 @@ def test_training_writes_every_output(example, layer, overrides):
     run_dir = Path(train_video.main(["--example_config", example, *overrides]))
     final = run_dir / "final"
     for name in ["edited.mp4", "edit_layer_green.mp4", "side_by_side.mp4", "atlas_original.png",
-                 "atlas_edited.png", "atlas_edit_layer.png"]:
+                 "atlas_edited.png", "atlas_edit_layer.png", "edit_layer.webm"]:
         assert (final / name).is_file(), name
     assert len(list((final / "frames").glob("*.png"))) == 6
     rgba = np.asarray(Image.open(final / "edit_layer_rgba" / "00000.png"))
@@ -219,3 +219,21 @@ def test_video_interrupt_then_resume_matches_an_uninterrupted_run(overrides, mon
         train_video.main([f"resume={broken}"])
     with pytest.raises(Exception, match="not a run folder"):
         train_video.main([f"resume={tmp_path}"])
+
+
+def test_edit_layer_as_alpha_video_matches_the_rgba_frames(overrides):
+    """The WebM and ProRes edit layers decode to the RGBA frames (alpha within codec tolerance)."""
+    from util.alpha_video import read_alpha_video
+    run_dir = Path(train_video.main(["--example_config", "blackswan_gold", *overrides, "n_epochs=2",
+                                     "edit_layer_formats=[webm, prores, png]"]))
+    final = run_dir / "final"
+    frames = np.stack([np.asarray(Image.open(final / "edit_layer_rgba" / f"{t:05d}.png")) for t in range(6)])
+    for name, tol in [("edit_layer.webm", 8), ("edit_layer.mov", 2)]:
+        decoded = read_alpha_video(final / name).astype(np.float64)
+        assert decoded.shape == frames.shape
+        assert np.abs(decoded[..., 3] - frames[..., 3]).mean() <= tol / 4
+        assert np.abs(decoded[..., 3] - frames[..., 3]).max() <= 8 * tol
+    only = Path(train_video.main(["--example_config", "blackswan_gold", *overrides, "n_epochs=2",
+                                  "edit_layer_formats=prores"]))
+    assert (only / "final" / "edit_layer.mov").is_file() and not (only / "final" / "edit_layer.webm").exists()
+    assert not (only / "final" / "edit_layer_rgba").exists()

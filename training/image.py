@@ -129,9 +129,10 @@ def train_step(generator, optimizer, loss_fn, batch, step, rng, torch_gen):
     return total, terms
 
 
-def train(cfg: dict, run_dir: Path | None = None, state: dict | None = None) -> Path:
+def train(cfg: dict, run_dir: Path | None = None, state: dict | None = None, progress=None) -> Path:
     """Train on cfg['image_path']; return the run folder. run_dir and its checkpoint state
-    given: resume there."""
+    given: resume there. progress(step, total, preview composite [1, 3, H, W]) is called every
+    log_images_freq steps; returning False stops early (the partial result is saved as final/)."""
     device, image, clip, loss_fn = prepare(cfg)
     cfg["seed"] = state["config"]["seed"] if state is not None else resolve_seed(cfg["seed"])
     rng, torch_gen = seed_run(cfg["seed"])
@@ -148,11 +149,14 @@ def train(cfg: dict, run_dir: Path | None = None, state: dict | None = None) -> 
         return train_step(generator, optimizer, loss_fn, dataset.sample(step, rng), step, rng, torch_gen)
 
     def snapshot_fn(folder, step):
-        save_edit(render_edit(generator, image), folder)
+        edit = render_edit(generator, image)
+        save_edit(edit, folder)
+        return edit["composite"]
 
-    fit(cfg, run_dir, generator, optimizer, step_fn, snapshot_fn, rng, torch_gen, "train_image.py", state)
+    done = fit(cfg, run_dir, generator, optimizer, step_fn, snapshot_fn, rng, torch_gen, "train_image.py", state,
+               progress=progress)
     save_atomic({"generator": generator.state_dict(), "generator_config": generator.config,
-                 "config": public(cfg), "step": cfg["n_epochs"]}, run_dir / "model.pt")
+                 "config": public(cfg), "step": done}, run_dir / "model.pt")
     final = render_edit(generator, image)
     final["input"] = image
     save_edit(final, run_dir / "final")  # last: a run with final/ is complete

@@ -170,12 +170,16 @@ def checkpoint_state(step, model, optimizer, lr, rng, torch_gen, cfg, extra=None
 
 
 def fit(cfg: dict, run_dir: Path, model, optimizer, step_fn, snapshot_fn, rng, torch_gen,
-        script: str, state: dict | None = None, extra_state: dict | None = None) -> None:
+        script: str, state: dict | None = None, extra_state: dict | None = None, progress=None) -> int:
     """Train `model` for cfg['n_epochs'] steps, from `state` (a checkpoint) when resuming.
+    Returns the number of steps done (fewer than n_epochs if `progress` stopped the run).
 
     step_fn(step, rng, torch_gen) -> (total loss: float, {term: float}): one update, with the
         optimizer's learning rate already set for this step.
-    snapshot_fn(folder, step): intermediate outputs, every log_images_freq steps.
+    snapshot_fn(folder, step) -> preview: intermediate outputs, every log_images_freq steps;
+        returns a preview image [1, 3, H, W] (or None).
+    progress(step, total, preview): called after each snapshot; returning False stops the run
+        cleanly there (checkpoint, loss plot; the trainer then writes its outputs as usual).
     Every log_images_freq steps, on Ctrl-C and at the end, checkpoints/last.pt is written;
     Ctrl-C rolls back the randomness of the unfinished step, so `resume=` continues exactly.
     """
@@ -223,8 +227,11 @@ def fit(cfg: dict, run_dir: Path, model, optimizer, step_fn, snapshot_fn, rng, t
                 wandb_run.log(row, step=done)
             bar.set_postfix(loss=f"{total:.4f}", lr=f"{lr:.2e}")
             if done % cfg["log_images_freq"] == 0 and done < n_steps:
-                snapshot_fn(run_dir / "intermediate" / f"step_{done:05d}", done)
+                preview = snapshot_fn(run_dir / "intermediate" / f"step_{done:05d}", done)
                 save_checkpoint(done)
+                if progress is not None and progress(done, n_steps, preview) is False:
+                    print(f"stopped after step {done} of {n_steps}", file=sys.stderr)
+                    break
     except KeyboardInterrupt:
         bar.close()
         log.close()
@@ -242,10 +249,11 @@ def fit(cfg: dict, run_dir: Path, model, optimizer, step_fn, snapshot_fn, rng, t
         raise SaveError(f"{e}; continue later with: python {script} resume={run_dir}") from None
     bar.close()
     log.close()
-    save_checkpoint(n_steps)
+    save_checkpoint(done)
     plot_losses(run_dir / "losses.csv", run_dir / "loss_curve.png")
     if wandb_run is not None:
         wandb_run.finish()
+    return done
 
 
 def check_resume(run_dir, script: str) -> dict:

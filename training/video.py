@@ -39,6 +39,7 @@ from training.loop import (
     seed_run,
 )
 from util import compositing
+from util.alpha_video import FORMATS, write_alpha_video
 from util.colour import colour_jitter
 from util.config import ConfigError, check_video_config, public
 from util.image_io import save_png
@@ -130,8 +131,11 @@ def composite_layers(frames, edit_layers: list):
     return out
 
 
-def save_video_outputs(folder: Path, frames, edit_layers: list, fps: int, atlases: dict | None = None):
-    """Write final/-style outputs into `folder` (built in a temporary folder, then swapped in)."""
+def save_video_outputs(folder: Path, frames, edit_layers: list, fps: int, atlases: dict | None = None,
+                       layer_formats=("webm", "png")):
+    """Write final/-style outputs into `folder` (built in a temporary folder, then swapped in).
+    The edit layer is written as green-screen MP4 and in each of `layer_formats`: webm (VP9
+    with alpha), prores (ProRes 4444 .mov with alpha), png (an RGBA frame sequence)."""
     output = composite_layers(frames, edit_layers)
     # all edit layers as one RGBA layer: opacity 1 - prod(1 - alpha_i), colour un-premultiplied
     opacity = 1 - torch.stack([1 - layer[:, 3:] for layer in edit_layers]).prod(dim=0)
@@ -145,7 +149,11 @@ def save_video_outputs(folder: Path, frames, edit_layers: list, fps: int, atlase
         write_video(torch.cat([frames, green, output], dim=-1), tmp / "side_by_side.mp4", fps)
         for t in range(frames.shape[0]):
             save_png(output[t:t + 1], tmp / "frames" / f"{t:05d}.png")
-            save_png(top[t:t + 1], tmp / "edit_layer_rgba" / f"{t:05d}.png")
+            if "png" in layer_formats:
+                save_png(top[t:t + 1], tmp / "edit_layer_rgba" / f"{t:05d}.png")
+        for fmt in layer_formats:
+            if fmt != "png":
+                write_alpha_video(top, tmp / ("edit_layer" + FORMATS[fmt]["suffix"]), fps, fmt)
         for name, image in (atlases or {}).items():
             save_png(image, tmp / f"{name}.png")
     replace_folder(write, folder)
@@ -157,9 +165,10 @@ def atlas_images(video: VideoAtlas, atlas_edit):
             "atlas_edit_layer": atlas_edit}
 
 
-def train(cfg: dict, run_dir: Path | None = None, state: dict | None = None) -> Path:
+def train(cfg: dict, run_dir: Path | None = None, state: dict | None = None, progress=None) -> Path:
     """Edit one atlas layer of cfg's video; return the run folder. run_dir and its checkpoint
-    state given: resume there."""
+    state given: resume there. progress(step, total, preview of the middle frame) is called every
+    log_images_freq steps; returning False stops early (the partial result is saved as final/)."""
     check_video_config(cfg)
     device = pick_device(cfg["device"])
     layer = "foreground" if cfg["finetune_foreground"] else "background"
@@ -186,16 +195,18 @@ def train(cfg: dict, run_dir: Path | None = None, state: dict | None = None) -> 
     def snapshot_fn(folder, step):
         atlas_edit, layers = edit_video(generator, video, cfg["multiply_foreground_alpha"])
         mid = video.n_frames // 2
-        save_edit({**atlas_images(video, atlas_edit),
-                   f"frame_{mid:05d}": composite_layers(video.frames[mid:mid + 1], [layers[mid:mid + 1]])}, folder)
+        frame = composite_layers(video.frames[mid:mid + 1], [layers[mid:mid + 1]])
+        save_edit({**atlas_images(video, atlas_edit), f"frame_{mid:05d}": frame}, folder)
         if step >= cfg["save_model_starting_epoch"]:
             save_atomic(model_state(generator, cfg, video), run_dir / "checkpoints" / f"generator_step_{step:05d}.pt")
+        return frame
 
     fit(cfg, run_dir, generator, optimizer, step_fn, snapshot_fn, rng, torch_gen, "train_video.py", state,
-        extra_state={"layer": layer})
+        extra_state={"layer": layer}, progress=progress)
     save_atomic(model_state(generator, cfg, video), run_dir / "model.pt")
     atlas_edit, layers = edit_video(generator, video, cfg["multiply_foreground_alpha"])
-    save_video_outputs(run_dir / "final", video.frames, [layers], cfg["fps"], atlas_images(video, atlas_edit))
+    save_video_outputs(run_dir / "final", video.frames, [layers], cfg["fps"], atlas_images(video, atlas_edit),
+                       cfg["edit_layer_formats"])
     print(f"done: {run_dir / 'final'}")
     return run_dir
 
@@ -230,6 +241,6 @@ def render(cfg: dict) -> Path:
     if not edits:
         raise ConfigError("nothing to render: set render_background= and/or render_foreground=")
     out_dir = new_run_dir({**cfg, "_name": f"{cfg['_name']}-render"})
-    save_video_outputs(out_dir / "final", frames, edits, cfg["fps"])
+    save_video_outputs(out_dir / "final", frames, edits, cfg["fps"], layer_formats=cfg["edit_layer_formats"])
     print(f"rendered: {out_dir / 'final'}")
     return out_dir

@@ -19,7 +19,8 @@ CONFIG_DIR = REPO_ROOT / "configs"
 from util.errors import ConfigError  # noqa: F401  (raised here; importable from here as before)
 
 # ---- value rules --------------------------------------------------------------------------
-# type: bool | int | float | str | text (a string or list of strings) | ints (a list of integers) | any
+# type: bool | int | float | str | text (a string or list of strings) | ints (a list of integers) |
+#       strs (a list of names from choices) | any
 # Keys absent here take the type of their default; None defaults need an entry.
 PROB = dict(type="float", min=0.0, max=1.0)
 COVER = dict(type="float", min=0.01, max=1.0)
@@ -97,6 +98,7 @@ IMAGE_RULES = {
 
 # video editing only
 VIDEO_RULES = {
+    "edit_layer_formats": dict(type="strs", choices=["webm", "prores", "png"]),
     "video_path": dict(type="str", nullable=True),
     "checkpoint_path": dict(type="str", nullable=True),
     "render_foreground": dict(type="str", nullable=True),
@@ -144,7 +146,8 @@ SCHEMAS = {
 }
 
 TYPE_NAMES = {"bool": "true/false", "int": "an integer", "float": "a number", "str": "a string",
-              "text": "a string or a list of strings", "ints": "a list of integers", "any": "a value"}
+              "text": "a string or a list of strings", "ints": "a list of integers",
+              "strs": "a list of names", "any": "a value"}
 
 
 def _rule_for(key, default, schema: dict):
@@ -212,6 +215,15 @@ def _check_value(key, value, rule):
         if low is not None and value[0] < low:
             raise ConfigError(f"config key '{key}' must hold integers >= {low}; got {value}")
         return value
+    elif kind == "strs":
+        if isinstance(value, str):
+            value = [value]  # key=webm on the command line
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise wrong
+        unknown = [v for v in value if v not in rule.get("choices", value)]
+        if unknown:
+            raise ConfigError(f"config key '{key}' takes any of {', '.join(rule['choices'])}; got {unknown[0]!r}")
+        return list(dict.fromkeys(value))
     if "choices" in rule and value not in rule["choices"]:
         raise ConfigError(f"config key '{key}' must be one of {', '.join(rule['choices'])}; got {value!r}")
     if "pattern" in rule and not re.fullmatch(rule["pattern"], value):
