@@ -20,19 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from datasets.flow import video_flows  # noqa: E402
+from datasets.video_data import VideoData, sample_pixels  # noqa: E402
 from training.image import pick_device  # noqa: E402
-from training.nla import (  # noqa: E402
-    VideoData,
-    build_model,
-    checkerboard_video,
-    flow_warp_error,
-    prepare_training,
-    psnr,
-    reconstruct,
-    sample_pixels,
-    save_previews,
-    strict_json,
-)
+from training.nla import build_model, prepare_training  # noqa: E402
+from training.nla_eval import checkerboard_video, flow_warp_error, psnr, reconstruct, save_previews, strict_json  # noqa: E402
 from util.cli import run_cli  # noqa: E402
 from util.config import load_config  # noqa: E402
 
@@ -64,13 +55,13 @@ def main(argv=None):
         data = VideoData(args.video, args.masks, cfg, Path(args.work or tmp), device)
         frames = data.frames.permute(0, 3, 1, 2)
         torch.manual_seed(cfg["seed"])
-        generator = torch.Generator(device).manual_seed(cfg["seed"])
-        nla, _, step = prepare_training(build_model(cfg, data), data, cfg, device, generator)
+        sampler_rng = torch.Generator(device).manual_seed(cfg["seed"])
+        nla, _, step = prepare_training(build_model(cfg, data), data, cfg, device, sampler_rng)
         synchronize(device)
         training_began = time.time()
         steps, paused, next_log = 0, 0.0, args.log_minutes * 60
         while steps < cfg["iters_num"]:
-            step(steps, sample_pixels(cfg["samples_batch"], data, generator))
+            step(steps, sample_pixels(cfg["samples_batch"], data, sampler_rng))
             steps += 1
             if steps % 20 == 0 or device.type != "cuda":
                 synchronize(device)

@@ -20,15 +20,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from datasets.video_data import VideoData, sample_pixels  # noqa: E402
 from training.image import pick_device  # noqa: E402
-from training.nla import (  # noqa: E402
-    TrainingStep,
-    VideoData,
-    build_model,
-    prepare_training,
-    sample_pixels,
-    strict_json,
-)
+from training.nla import build_model, prepare_training  # noqa: E402
+from training.nla_eval import strict_json  # noqa: E402
+from training.nla_step import TrainingStep  # noqa: E402
 from util.cli import run_cli  # noqa: E402
 from util.config import load_config  # noqa: E402
 
@@ -52,16 +48,16 @@ def main(argv=None):
         for graph in ([False, True] if cuda else [False]):
             for batch in args.batches:
                 run = {**cfg, "samples_batch": batch, "cuda_graph": graph}
-                generator = torch.Generator(device).manual_seed(0)
-                _, _, step = prepare_training(build_model(run, data), data, run, device, generator)
+                sampler_rng = torch.Generator(device).manual_seed(0)
+                _, _, step = prepare_training(build_model(run, data), data, run, device, sampler_rng)
                 for it in range(TrainingStep.WARMUP + 1):
-                    step(it, sample_pixels(batch, data, generator))
+                    step(it, sample_pixels(batch, data, sampler_rng))
                 if cuda:
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
                 began = time.perf_counter()
                 for it in range(TrainingStep.WARMUP + 1, TrainingStep.WARMUP + 1 + args.steps):
-                    step(it, sample_pixels(batch, data, generator))
+                    step(it, sample_pixels(batch, data, sampler_rng))
                 if cuda:
                     torch.cuda.synchronize()
                 seconds = (time.perf_counter() - began) / args.steps

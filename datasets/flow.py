@@ -1,6 +1,6 @@
 """Optical flow for atlas training: OpenCV's DIS flow, forward-backward checked, cached.
 
-No learned weights: DIS (Kroeger et al. 2016) runs on the CPU in milliseconds per frame.
+No learned weights: DIS (Kroeger et al. 2016) is fast, and runs on the CPU.
 """
 
 import hashlib

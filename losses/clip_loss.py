@@ -17,13 +17,7 @@ import random
 import torch
 
 from losses import terms as losses
-from losses.clip_views import (
-    STRUCTURE_LONG_MAX,
-    make_views,
-    resize_to,
-    sample_view_params,
-    view_size,
-)
+from losses.clip_views import STRUCTURE_LONG_MAX, make_views, resize_to, sample_view_params, view_size
 from losses.relevancy import bootstrap_maps
 from models.tokenizer import tokenize
 from util import compositing

@@ -1,13 +1,7 @@
 import pytest
 import torch
 
-from datasets.atlas import (
-    AtlasBox,
-    bounding_box,
-    discretize_atlas,
-    frame_maps,
-    sample_atlas,
-)
+from datasets.atlas import AtlasBox, bounding_box, discretize_atlas, frame_maps, sample_atlas
 from models.nla import MLP, NLAModel
 
 

@@ -5,13 +5,7 @@ import math
 import pytest
 import torch
 
-from models.nla import (
-    CHECKPOINT_KEYS,
-    MLP,
-    CheckpointError,
-    NLAModel,
-    positional_encoding,
-)
+from models.nla import CHECKPOINT_KEYS, MLP, CheckpointError, NLAModel, positional_encoding
 
 
 def test_positional_encoding_order_and_length():

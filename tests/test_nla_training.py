@@ -9,15 +9,10 @@ import torch
 from PIL import Image
 
 import train_nla
+from datasets.video_data import VideoData
 from losses import nla as L
 from models.nla import NLAModel
-from training.nla import (
-    VideoData,
-    checkerboard_video,
-    flow_warp_error,
-    psnr,
-    reconstruct,
-)
+from training.nla_eval import checkerboard_video, flow_warp_error, psnr, reconstruct
 
 SMALL_NETS = ["number_of_channels_atlas=64", "number_of_layers_atlas=4", "positional_encoding_num_atlas=6",
               "number_of_channels_alpha=32", "number_of_layers_alpha=3", "number_of_channels_mapping1=32",
@@ -71,12 +66,8 @@ def test_rigidity_closed_form_equals_the_inverse_it_replaces():
 def test_learning_rates_decay_and_resume_keeps_this_runs_settings(synthetic_video, tmp_path):
     """lr_decay scales every group's rate to lr_decay x at iters_num; a checkpoint's optimizer
     state brings back Adam's moments but not the saved rates or flags."""
-    from training.nla import (
-        build_model,
-        load_optimizer_state,
-        make_optimizer,
-        set_learning_rates,
-    )
+    from training.nla import build_model
+    from training.nla_optim import load_optimizer_state, make_optimizer, set_learning_rates
     from util.config import load_config
     cfg = load_config("nla", overrides=["resx=64", "resy=48", "iters_num=100", "lr_decay=0.1", *SMALL_GRIDS])
     data = VideoData(synthetic_video / "frames", synthetic_video / "masks", cfg, tmp_path, torch.device("cpu"))
@@ -107,7 +98,8 @@ def test_learning_rates_decay_and_resume_keeps_this_runs_settings(synthetic_vide
 def test_cuda_graph_steps_train_like_eager_steps(backend, synthetic_video, tmp_path):
     """Replaying the captured step (across the schedule's phase changes) gives the parameters that
     eager steps on the same samples give."""
-    from training.nla import build_model, prepare_training, sample_pixels
+    from datasets.video_data import sample_pixels
+    from training.nla import build_model, prepare_training
     from util.config import load_config
     cfg = load_config("nla", overrides=["resx=64", "resy=48", "samples_batch=500", f"atlas_backend={backend}",
                                         "stop_global_rigidity=6", "stop_bootstrapping_iteration=12",
@@ -169,7 +161,7 @@ def trained(request, synthetic_video, tmp_path_factory):
 
 
 def test_layer_motion_recovers_each_layers_translation(synthetic_video, tmp_path):
-    from training.nla import layer_motion
+    from training.nla_init import layer_motion
     from util.config import load_config
     cfg = load_config("nla", overrides={"resx": 64, "resy": 48})
     data = VideoData(synthetic_video / "frames", synthetic_video / "masks", cfg, tmp_path, torch.device("cpu"))
@@ -182,7 +174,7 @@ def test_layer_motion_recovers_each_layers_translation(synthetic_video, tmp_path
 def test_propagated_displacements_follow_each_layers_motion(synthetic_video, tmp_path):
     """Flow propagated from the middle frame puts every vertex where its layer's content is in
     the middle frame: the background moves -2 px per frame, the (plain red) square +3."""
-    from training.nla import layer_motion, propagated_displacements
+    from training.nla_init import layer_motion, propagated_displacements
     from util.config import load_config
     cfg = load_config("nla", overrides={"resx": 64, "resy": 48})
     data = VideoData(synthetic_video / "frames", synthetic_video / "masks", cfg, tmp_path, torch.device("cpu"))
@@ -196,7 +188,7 @@ def test_propagated_displacements_follow_each_layers_motion(synthetic_video, tmp
 
 
 def test_fill_holes_keeps_valid_values_and_fills_from_neighbours():
-    from training.nla import fill_holes
+    from training.nla_init import fill_holes
     values = torch.zeros(2, 40, 40)
     values[0, :, :20], values[0, :, 20:] = 1.0, 3.0
     valid = torch.zeros(40, 40, dtype=torch.bool)
@@ -211,7 +203,7 @@ def test_fill_holes_keeps_valid_values_and_fills_from_neighbours():
 
 
 def test_layer_placement_keeps_a_long_pan_inside_the_atlas():
-    from training.nla import LAYER_RANGES, layer_placement
+    from training.nla_init import LAYER_RANGES, layer_placement
     s, half = 0.8, 200.0  # a 400 x 200 video: normalised x in [-1, 1], y in [-1, 0]
     still_lo, still_hi = torch.tensor([-s, -s]), torch.tensor([s, 0.0])
     offset = layer_placement(still_lo, still_hi, s, half, LAYER_RANGES["mapping_background"])
@@ -236,7 +228,9 @@ def test_step_losses_match_the_losses_evaluated_block_by_block(backend, syntheti
     same terms as evaluating the model separately at each kind of point (flow partners 1 and 2
     frames away, looked up in each gap's own flow fields)."""
     from datasets.flow import video_flows
-    from training.nla import build_model, sample_pixels, step_losses
+    from datasets.video_data import sample_pixels
+    from training.nla import build_model
+    from training.nla_step import step_losses
     from util.config import load_config
     cfg = load_config("nla", overrides=["resx=64", "resy=48", "samples_batch=300", f"atlas_backend={backend}",
                                         "flow_gaps=[1,2]",
@@ -465,7 +459,7 @@ def test_palette_masks_and_mask_labels_reach_atlas_training(synthetic_video, tmp
 def test_strict_json_writes_null_for_non_finite_numbers():
     import json
 
-    from training.nla import strict_json
+    from training.nla_eval import strict_json
     line = strict_json({"a": float("nan"), "b": [1.5, float("inf")], "c": {"d": -float("inf")}, "e": "x"})
     assert json.loads(line) == {"a": None, "b": [1.5, None], "c": {"d": None}, "e": "x"}
 

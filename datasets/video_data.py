@@ -1,0 +1,51 @@
+"""The data atlas training samples from: a video's frames, its optional masks and its checked
+optical flow (VideoData), and the random pixels one training step is taken at (sample_pixels).
+"""
+
+import warnings
+from pathlib import Path
+
+import torch
+
+from datasets.flow import video_flows
+from util.video_io import check_mask_labels, read_frames, read_masks
+
+
+class VideoData:
+    """Frames, optional masks and checked optical flow, on the training device."""
+
+    def __init__(self, video_path, masks_path, cfg: dict, out_dir: Path, device):
+        labels = check_mask_labels(cfg.get("mask_labels"))  # a bad value fails before any reading
+        frames = read_frames(video_path, cfg["resx"], cfg["resy"], cfg["maximum_number_of_frames"], min_frames=2)
+        self.T, _, self.H, self.W = frames.shape
+        self.frames = frames.permute(0, 2, 3, 1).contiguous().to(device)  # [T, H, W, 3]
+        self.masks = None
+        if masks_path is not None:
+            self.masks = read_masks(masks_path, self.T, cfg["resx"], cfg["resy"], labels)[:, 0].to(device)  # [T, H, W]
+        else:
+            warnings.warn("no masks given: training a background-only decomposition (opacity pushed to 0)")
+        # checked flow between frames `gap` apart, for every gap of flow_gaps the video is long
+        # enough for, stacked as pairs: gap 1's T-1 pairs first, then gap 2's T-2, ...
+        gaps = [gap for gap in cfg["flow_gaps"] if gap < self.T]
+        fields = [video_flows(frames, cache_dir=out_dir, gap=gap) for gap in gaps]
+        self.gaps = torch.tensor(gaps, device=device)  # [G]
+        self.pair_start = torch.tensor([0] + [self.T - gap for gap in gaps[:-1]], device=device).cumsum(0)  # [G]
+        self.pair_forward = torch.cat([f["forward"] for f in fields]).to(device)  # [P, H, W, 2] t -> t+gap
+        self.pair_backward = torch.cat([f["backward"] for f in fields]).to(device)  # [P, H, W, 2] t+gap -> t
+        self.pair_forward_ok = torch.cat([f["forward_ok"] for f in fields]).to(device)  # [P, H, W]
+        self.pair_backward_ok = torch.cat([f["backward_ok"] for f in fields]).to(device)
+        # consecutive frames (views of the above, no copies)
+        self.forward, self.backward = self.pair_forward[:self.T - 1], self.pair_backward[:self.T - 1]  # [T-1, H, W, 2]
+        self.forward_ok, self.backward_ok = self.pair_forward_ok[:self.T - 1], self.pair_backward_ok[:self.T - 1]
+
+
+def sample_pixels(n: int, data: VideoData, sampler_rng: torch.Generator):
+    """Random integer (t, y, x), leaving room for the right and lower neighbours, and the index
+    g into data.gaps of the flow gap each sample's flow partners are taken at. Drawn on the
+    RNG's device: a GPU run then never copies (and waits) per step."""
+    device = sampler_rng.device
+    t = torch.randint(0, data.T, (n,), generator=sampler_rng, device=device)
+    y = torch.randint(0, data.H - 1, (n,), generator=sampler_rng, device=device)
+    x = torch.randint(0, data.W - 1, (n,), generator=sampler_rng, device=device)
+    g = torch.randint(0, len(data.gaps), (n,), generator=sampler_rng, device=device)
+    return t, y, x, g
