@@ -10,10 +10,11 @@
 import sys
 from pathlib import Path
 
+from text2live import edit_image
 from training.image import render, train
 from training.loop import check_resume
 from util.cli import run_cli
-from util.config import ConfigError, command_line, load_config, parse_overrides
+from util.config import ConfigError, check_image_config, command_line, load_config, parse_overrides
 
 
 def main(argv=None):
@@ -32,7 +33,10 @@ def main(argv=None):
             raise ConfigError(f"{run_dir} already finished {state['step']} steps; "
                               f"raise n_epochs above {state['step']} to train further")
         return train(cfg, run_dir=run_dir, state=state)
-    return train(cfg)
+    check_image_config(cfg)
+    result = edit_image(cfg["image_path"], cfg["comp_text"], steps=cfg["n_epochs"], seed=cfg["seed"],
+                        device=cfg["device"], config=cfg, out_dir=cfg["results_folder"])
+    return result.run_dir
 
 
 if __name__ == "__main__":

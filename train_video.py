@@ -10,10 +10,11 @@
 import sys
 from pathlib import Path
 
+from text2live import edit_video
 from training.loop import check_resume
 from training.video import render, train
 from util.cli import run_cli
-from util.config import ConfigError, command_line, load_config, parse_overrides
+from util.config import ConfigError, check_video_config, command_line, load_config, parse_overrides
 
 
 def main(argv=None):
@@ -35,7 +36,11 @@ def main(argv=None):
             raise ConfigError(f"{run_dir} already finished {state['step']} steps; "
                               f"raise n_epochs above {state['step']} to train further")
         return train(cfg, run_dir=run_dir, state=state)
-    return train(cfg)
+    check_video_config(cfg)
+    layer = "foreground" if cfg["finetune_foreground"] else "background"
+    result = edit_video(cfg["checkpoint_path"], cfg["comp_text"], layer=layer, steps=cfg["n_epochs"], seed=cfg["seed"],
+                        device=cfg["device"], config=cfg, out_dir=cfg["results_folder"])
+    return result.run_dir
 
 
 if __name__ == "__main__":

@@ -11,13 +11,7 @@ from pathlib import Path
 
 import torch
 
-from datasets.atlas import (
-    AtlasBox,
-    bounding_box,
-    discretize_atlas,
-    frame_maps,
-    sample_atlas,
-)
+from datasets.atlas import AtlasBox, bounding_box, discretize_atlas, frame_maps, sample_atlas
 from models.nla import NLAModel
 from util.errors import ConfigError, SaveError
 from util.files import save_atomic

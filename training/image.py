@@ -19,12 +19,7 @@ import torch
 from datasets.image_dataset import ImageDataset
 from losses.clip_loss import Text2LiveLoss
 from models.clip import load_clip
-from models.generator import (
-    Generator,
-    generator_config,
-    generator_from_checkpoint,
-    split_edit_layer,
-)
+from models.generator import Generator, generator_config, generator_from_checkpoint, split_edit_layer
 from training.loop import (
     fit,
     load_checkpoint,

@@ -19,9 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from datasets.atlas import (
-    sample_atlas,
-)
+from datasets.atlas import sample_atlas
 from datasets.video_atlas import VideoAtlas
 from losses.clip_loss import Text2LiveLoss
 from models.clip import load_clip
@@ -198,12 +196,12 @@ def train(cfg: dict, run_dir: Path | None = None, state: dict | None = None, pro
         frame = composite_layers(video.frames[mid:mid + 1], [layers[mid:mid + 1]])
         save_edit({**atlas_images(video, atlas_edit), f"frame_{mid:05d}": frame}, folder)
         if step >= cfg["save_model_starting_epoch"]:
-            save_atomic(model_state(generator, cfg, video), run_dir / "checkpoints" / f"generator_step_{step:05d}.pt")
+            save_atomic(model_state(generator, cfg, video, step), run_dir / "checkpoints" / f"generator_step_{step:05d}.pt")
         return frame
 
-    fit(cfg, run_dir, generator, optimizer, step_fn, snapshot_fn, rng, torch_gen, "train_video.py", state,
-        extra_state={"layer": layer}, progress=progress)
-    save_atomic(model_state(generator, cfg, video), run_dir / "model.pt")
+    done = fit(cfg, run_dir, generator, optimizer, step_fn, snapshot_fn, rng, torch_gen, "train_video.py", state,
+               extra_state={"layer": layer}, progress=progress)
+    save_atomic(model_state(generator, cfg, video, done), run_dir / "model.pt")
     atlas_edit, layers = edit_video(generator, video, cfg["multiply_foreground_alpha"])
     save_video_outputs(run_dir / "final", video.frames, [layers], cfg["fps"], atlas_images(video, atlas_edit),
                        cfg["edit_layer_formats"])
@@ -211,9 +209,9 @@ def train(cfg: dict, run_dir: Path | None = None, state: dict | None = None, pro
     return run_dir
 
 
-def model_state(generator, cfg, video: VideoAtlas) -> dict:
+def model_state(generator, cfg, video: VideoAtlas, step: int) -> dict:
     return {"generator": generator.state_dict(), "generator_config": generator.config,
-            "layer": video.layer, "config": public(cfg)}
+            "layer": video.layer, "config": public(cfg), "step": step}
 
 
 def render(cfg: dict) -> Path:
