@@ -12,7 +12,7 @@ import sys
 
 from training.nla import train
 from util.cli import run_cli
-from util.config import load_config
+from util.config import check_nla_config, load_config
 
 
 def main(argv=None):
@@ -24,6 +24,7 @@ def main(argv=None):
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)  # key=value anywhere
     cfg = load_config("nla", config=args.config, overrides=args.overrides)
+    check_nla_config(cfg)
     return train(cfg, args.video, args.masks, args.out)
 
 
