@@ -12,9 +12,9 @@ from pathlib import Path
 
 from text2live import edit_image
 from training.image import render, train
-from training.loop import check_resume
+from training.loop import resume_config
 from util.cli import run_cli
-from util.config import ConfigError, check_image_config, command_line, load_config, parse_overrides
+from util.config import check_image_config, command_line
 
 
 def main(argv=None):
@@ -24,14 +24,7 @@ def main(argv=None):
         return render(cfg)
     if cfg["resume"] is not None:
         run_dir = Path(cfg["resume"])
-        state = check_resume(run_dir, "train_image.py")
-        given = parse_overrides([a for a in argv if "=" in a and not a.startswith("-")])
-        given.pop("resume", None)  # the saved config, plus what this command line changes
-        cfg = load_config("image", config=run_dir / "config.yaml", overrides=given)
-        cfg["_name"] = run_dir.name
-        if state["step"] >= cfg["n_epochs"]:
-            raise ConfigError(f"{run_dir} already finished {state['step']} steps; "
-                              f"raise n_epochs above {state['step']} to train further")
+        cfg, state = resume_config("image", run_dir, argv, "train_image.py")
         return train(cfg, run_dir=run_dir, state=state)
     check_image_config(cfg)
     result = edit_image(cfg["image_path"], cfg["comp_text"], steps=cfg["n_epochs"], seed=cfg["seed"],

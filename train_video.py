@@ -11,10 +11,10 @@ import sys
 from pathlib import Path
 
 from text2live import edit_video
-from training.loop import check_resume
+from training.loop import resume_config
 from training.video import render, train
 from util.cli import run_cli
-from util.config import ConfigError, check_video_config, command_line, load_config, parse_overrides
+from util.config import check_video_config, command_line
 
 
 def main(argv=None):
@@ -24,17 +24,7 @@ def main(argv=None):
         return render(cfg)
     if cfg["resume"] is not None:
         run_dir = Path(cfg["resume"])
-        state = check_resume(run_dir, "train_video.py")
-        if "layer" not in state:
-            raise ConfigError(f"resume={run_dir} is not a video run (no atlas layer in its checkpoint); "
-                              "resume image runs with train_image.py")
-        given = parse_overrides([a for a in argv if "=" in a and not a.startswith("-")])
-        given.pop("resume", None)  # the saved config, plus what this command line changes
-        cfg = load_config("video", config=run_dir / "config.yaml", overrides=given)
-        cfg["_name"] = run_dir.name
-        if state["step"] >= cfg["n_epochs"]:
-            raise ConfigError(f"{run_dir} already finished {state['step']} steps; "
-                              f"raise n_epochs above {state['step']} to train further")
+        cfg, state = resume_config("video", run_dir, argv, "train_video.py")
         return train(cfg, run_dir=run_dir, state=state)
     check_video_config(cfg)
     layer = "foreground" if cfg["finetune_foreground"] else "background"

@@ -82,13 +82,18 @@ def test_mp4_round_trip(tmp_path):
     assert (back - video).abs().mean() < 0.05
 
 
-def test_masks_count_and_threshold(tmp_path):
-    folder = tmp_path / "m"
+def write_binary_masks(folder, count: int, value: int):
+    """`count` 40x30 grayscale masks, the left half at `value`, the rest 0."""
     folder.mkdir()
-    for i in range(3):
+    for i in range(count):
         arr = np.zeros((30, 40), np.uint8)
-        arr[:, :20] = 250
+        arr[:, :20] = value
         Image.fromarray(arr).save(folder / f"{i:05d}.png")
+    return folder
+
+
+def test_masks_count_and_threshold(tmp_path):
+    folder = write_binary_masks(tmp_path / "m", 3, 250)
     masks = read_masks(folder, 3, 40, 30)
     assert masks.shape == (3, 1, 30, 40) and masks[:, :, :, :20].min() == 1 and masks[:, :, :, 20:].max() == 0
     with pytest.raises(InputError, match="3 masks for 4 frames"):
@@ -128,12 +133,7 @@ def test_palette_masks_are_read_by_label(tmp_path, recwarn):
 
 
 def test_binary_masks_ignore_mask_labels_with_a_warning(tmp_path):
-    folder = tmp_path / "m"
-    folder.mkdir()
-    for i in range(2):
-        arr = np.zeros((30, 40), np.uint8)
-        arr[:, :20] = 255
-        Image.fromarray(arr).save(folder / f"{i:05d}.png")
+    folder = write_binary_masks(tmp_path / "m", 2, 255)
     with pytest.warns(UserWarning, match="mask_labels=\\[2\\] applies to palette"):
         masks = read_masks(folder, 2, 40, 30, labels=[2])
     assert masks[..., :20].min() == 1 and masks[..., 20:].max() == 0

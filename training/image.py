@@ -20,19 +20,10 @@ from datasets.image_dataset import ImageDataset
 from losses.clip_loss import Text2LiveLoss
 from models.clip import load_clip
 from models.generator import Generator, generator_config, generator_from_checkpoint, split_edit_layer
-from training.loop import (
-    fit,
-    load_checkpoint,
-    make_optimizer,
-    new_run_dir,
-    pick_device,
-    replace_folder,
-    resolve_seed,
-    save_atomic,
-    seed_run,
-)
+from training.loop import fit, load_checkpoint, make_optimizer, new_run_dir, pick_device, resolve_seed, seed_run
 from util import compositing
 from util.config import ConfigError, check_image_config, public
+from util.files import replace_folder, save_atomic
 from util.image_io import read_image, resize_short_side, save_png
 from util.precision import autocast
 

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from util.config import public
 from util.errors import ConfigError, SaveError
-from util.files import replace_folder, save_atomic, save_failed, write_text_atomic  # noqa: F401  (re-exported)
+from util.files import save_atomic, save_failed, write_text_atomic
 
 LOSS_COLUMNS = ["step", "total", "comp_text", "comp_dir", "screen", "structure", "sparsity",
                 "bootstrap", "lambda_bootstrap", "lr"]
@@ -269,3 +269,23 @@ def check_resume(run_dir, script: str) -> dict:
         raise ConfigError(f"{run_dir / 'checkpoints' / 'last.pt'} is not a {script} checkpoint "
                           f"(it lacks {', '.join(missing)}); start a new run instead")
     return state
+
+
+def resume_config(kind: str, run_dir, argv, script: str):
+    """For `resume=<run folder>`: (the run's saved config with this command line's key=value
+    changes, its checkpoint state). Refuses, before anything loads, a folder that is not a run
+    of this kind, an unreadable checkpoint and a run that already finished n_epochs."""
+    from util.config import load_config, parse_overrides
+    run_dir = Path(run_dir)
+    state = check_resume(run_dir, script)
+    if (kind == "video") != ("layer" in state):
+        other = "train_image.py" if kind == "video" else "train_video.py"
+        raise ConfigError(f"resume={run_dir} is not a {kind} run; resume it with {other}")
+    given = parse_overrides([a for a in argv if "=" in a and not a.startswith("-")])
+    given.pop("resume", None)
+    cfg = load_config(kind, config=run_dir / "config.yaml", overrides=given)
+    cfg["_name"] = run_dir.name
+    if state["step"] >= cfg["n_epochs"]:
+        raise ConfigError(f"{run_dir} already finished {state['step']} steps; "
+                          f"raise n_epochs above {state['step']} to train further")
+    return cfg, state

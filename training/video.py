@@ -25,21 +25,12 @@ from losses.clip_loss import Text2LiveLoss
 from models.clip import load_clip
 from models.generator import split_edit_layer
 from training.image import load_generator, make_generator, save_edit
-from training.loop import (
-    fit,
-    load_checkpoint,
-    make_optimizer,
-    new_run_dir,
-    pick_device,
-    replace_folder,
-    resolve_seed,
-    save_atomic,
-    seed_run,
-)
+from training.loop import fit, load_checkpoint, make_optimizer, new_run_dir, pick_device, resolve_seed, seed_run
 from util import compositing
 from util.alpha_video import FORMATS, write_alpha_video
 from util.colour import colour_jitter
 from util.config import ConfigError, check_video_config, public
+from util.files import replace_folder, save_atomic
 from util.image_io import save_png
 from util.precision import autocast
 from util.video_io import write_video
