@@ -1,7 +1,9 @@
 """Atlas preparation for video editing: per-pixel UV maps, discretised atlases, sampling back.
 
 An atlas layer lives in UV space (foreground v > 0, usually [0, 1]^2; background v < 0, usually
-[-1, 0]^2; a grid-backend layer with a long pan extends further in u). It is turned
+[-1, 0]^2; a grid-backend layer with a long pan extends further in u, and for a portrait video
+the grid backend splits the other way: foreground u > 0, background u < 0, a tilt extending
+further in v). Nothing here depends on which: a layer's atlas is the box its UVs use. It is turned
 into an image by querying the atlas network on a regular grid of `resolution` pixels per UV
 unit, cropped to the box the video actually uses. Edits made on that image are sampled back
 to every frame pixel through its UV with bilinear grid_sample.

@@ -8,7 +8,42 @@ from pathlib import Path
 import torch
 
 from datasets.flow import video_flows
-from util.video_io import check_mask_labels, read_frames, read_masks
+from util.image_io import resolve_data_path
+from util.video_io import check_mask_labels, list_frame_files, read_frames, read_masks
+
+
+def source_size(video_path):
+    """(width, height) of a video's first frame as read (a frame folder's first image, or a video
+    file's first decoded frame), or None where it cannot be read."""
+    path = Path(resolve_data_path(str(video_path)))
+    try:
+        if path.is_dir():
+            from PIL import Image
+            with Image.open(list_frame_files(path)[0]) as img:
+                return img.size
+        import imageio.v2 as imageio
+        reader = imageio.get_reader(str(path), "ffmpeg")
+        try:
+            height, width = reader.get_next_data().shape[:2]
+        finally:
+            reader.close()
+        return width, height
+    except (OSError, ValueError, RuntimeError, IndexError):  # read_frames read it; this check is only a hint
+        return None
+
+
+def check_orientation(video_path, resx: int, resy: int):
+    """A warning when resx x resy turns the video's frames from portrait to landscape or back:
+    read_frames stretches them to that size, and everything made from them (atlas, edits) keeps
+    the distortion. The defaults (768x432) are landscape; a phone video usually is not."""
+    size = source_size(video_path)
+    if size is None or size[0] == size[1] or resx == resy or (size[1] > size[0]) == (resy > resx):
+        return
+    width, height = size
+    shape = "portrait" if height > width else "landscape"
+    warnings.warn(f"the frames of {video_path} are {width}x{height} ({shape}) but resx={resx} resy={resy} is not "
+                  f"{shape}: they are stretched to it; set resx={resy} resy={resx} (resx is the width) to keep "
+                  "their shape")
 
 
 class VideoData:
@@ -17,6 +52,7 @@ class VideoData:
     def __init__(self, video_path, masks_path, cfg: dict, out_dir: Path, device):
         labels = check_mask_labels(cfg.get("mask_labels"))  # a bad value fails before any reading
         frames = read_frames(video_path, cfg["resx"], cfg["resy"], cfg["maximum_number_of_frames"], min_frames=2)
+        check_orientation(video_path, cfg["resx"], cfg["resy"])
         self.T, _, self.H, self.W = frames.shape
         self.frames = frames.permute(0, 2, 3, 1).contiguous().to(device)  # [T, H, W, 3]
         self.masks = None

@@ -12,7 +12,9 @@ opacity network blends the layers:
 
 with p = (x / (L/2) - 1, y / (L/2) - 1, t / (T/2) - 1), L = max(resx, resy), T frames.
 The grid backend may place a layer that moves far (a long camera pan) further along u, keeping
-foreground v > 0 and background v < 0; its mappings are not bounded by tanh.
+foreground v > 0 and background v < 0, or, for layers that extend further vertically than
+horizontally (a portrait video, a tilt), further along v, keeping foreground u > 0 and
+background u < 0 (training/nla_init.py, layer_ranges); its mappings are not bounded by tanh.
 
 Checkpoints are torch.save dicts holding model_F_mapping1_state_dict (M_f),
 model_F_mapping2_state_dict (M_b), F_atlas_state_dict (one atlas shared by both layers) and

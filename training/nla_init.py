@@ -3,7 +3,8 @@
 Grid mappings are set from the video's motion: each layer's translation (layer_motion), or
 optical flow propagated from the middle frame to every mapping vertex (propagated_displacements,
 with fill_holes for vertices without usable flow), then placed inside the layer's share of the
-atlas (layer_placement, LAYER_RANGES). The official MLP mappings are fitted to the scaled identity.
+atlas (layer_placement; the shares: LAYER_RANGES, turned for layers taller than wide by
+layer_ranges). The official MLP mappings are fitted to the scaled identity.
 """
 
 import warnings
@@ -123,8 +124,23 @@ def propagated_displacements(data: VideoData, foreground: bool, cell: int, motio
 
 # the share of the atlas each layer may use, as ranges of its mapping output (x, y) (UV = 0.5 * m
 # + 0.5 foreground, 0.5 * m - 0.5 background; the grid atlas covers UV [-1, 1]^2): the
-# foreground keeps v > 0 and the background v < 0, and either may use the whole u range
+# foreground keeps v > 0 and the background v < 0, and either may use the whole u range. This
+# suits layers that extend further along x than along y (landscape video); see layer_ranges
 LAYER_RANGES = {"mapping_foreground": ((-3.0, 1.0), (-1.0, 1.0)), "mapping_background": ((-1.0, 3.0), (-1.0, 1.0))}
+
+
+def layer_ranges(lo, hi) -> dict:
+    """The shares of the atlas (as LAYER_RANGES) for layers that together span lo..hi ([2] each,
+    mapping units, over the whole video): LAYER_RANGES, whose shares are twice as long along u as
+    along v, unless the layers extend further along y than along x (a portrait video, or a
+    steep tilt); then the split turns with them: the foreground keeps u > 0 and the background
+    u < 0, and either may use the whole v range. With LAYER_RANGES alone a portrait layer had
+    half the room of the same video turned to landscape, and a vertical pan of more than about
+    a quarter of the frame's height ran off the atlas."""
+    extent = (hi - lo).cpu()
+    if extent[1] <= extent[0]:
+        return LAYER_RANGES
+    return {name: (y, x) for name, (x, y) in LAYER_RANGES.items()}
 
 
 def layer_placement(lo, hi, scale: float, half: float, allowed, name: str = "layer"):
@@ -155,9 +171,11 @@ def pretrain_mappings(nla: NLAModel, data: VideoData, cfg: dict, sampler_rng: to
     propagated from the middle frame puts it (propagated_displacements), translation starts
     each frame shifted by the layer's translation (a camera pan is then undone from the start,
     not learned step by step), off at the identity. Each layer is placed where its whole extent
-    over the video fits its share of the atlas (a long pan would otherwise run off it). The MLPs'
-    pixels are drawn with sampler_rng."""
+    over the video fits its share of the atlas (a long pan would otherwise run off it); the
+    atlas is split between the layers across the direction they extend least in (layer_ranges).
+    The MLPs' pixels are drawn with sampler_rng."""
     s, half = cfg["uv_mapping_scale"], max(data.W, data.H) / 2
+    layers = {}  # name: (displacement [T, 2, Hg, Wg] px, lo [2], hi [2] mapping units)
     for name in ("mapping_foreground", "mapping_background"):
         net = getattr(nla, name)
         if not isinstance(net, GridMapping) or cfg["pretrain_motion"] == "off":
@@ -176,9 +194,15 @@ def pretrain_mappings(nla: NLAModel, data: VideoData, cfg: dict, sampler_rng: to
         if foreground and data.masks is not None and (data.masks[:, cy, cx] >= 0.5).any():
             points = points[data.masks[:, cy, cx] >= 0.5]
         points = points.reshape(-1, 2)
-        place = layer_placement(points.amin(dim=0), points.amax(dim=0), s, half, LAYER_RANGES[name], name.split("_")[1])
+        layers[name] = (displacement, points.amin(dim=0), points.amax(dim=0))
+    if layers:  # one split of the atlas for both layers, across the direction they extend least in
+        ranges = layer_ranges(torch.stack([lo for _, lo, _ in layers.values()]).amin(dim=0),
+                              torch.stack([hi for _, _, hi in layers.values()]).amax(dim=0))
+    for name, (displacement, lo, hi) in layers.items():
+        net = getattr(nla, name)
+        place = layer_placement(lo, hi, s, half, ranges[name], name.split("_")[1])
         with torch.no_grad():  # the offsets realise it exactly: mapping = s * p + offset
-            offsets = s * displacement / half + place.to(motion.device)[None, :, None, None]  # [T, 2, Hg, Wg]
+            offsets = s * displacement / half + place.to(displacement.device)[None, :, None, None]  # [T, 2, Hg, Wg]
             net.offsets.copy_(offsets.transpose(0, 1)[None])
             for coarse in net.coarse:
                 coarse.zero_()
