@@ -191,7 +191,8 @@ def build_app(server: jobs.ServerSettings) -> gr.Blocks:
                     downloads = gr.File(label="Downloads (each PNG and the whole run as a zip)", file_count="multiple",
                                         interactive=False, elem_id="downloads")
                     command = gr.Code(label="Run it again from the command line (unzip in the repository first)",
-                                      language="shell", interactive=False, lines=1, wrap_lines=True, elem_id="command")
+                                      language="shell", interactive=False, lines=1, wrap_lines=True,
+                                      elem_id="command")
             examples = example_rows(server.results / "examples")
             if examples:
                 gr.Examples(examples, [photo, comp, screen, src, boot], label="Examples (fill in every field)")
@@ -217,10 +218,11 @@ def build_app(server: jobs.ServerSettings) -> gr.Blocks:
                 if path is None:
                     raise jobs.InputError("no photo; upload one (or pick an example) first")
                 req = jobs.ImageRequest(
-                    photo=check_origin(path, upload_roots), photo_name=name, comp_text=(comp_text or "").strip(),
+                    photo=check_origin(path, upload_roots), photo_name=name, comp_text=jobs.optional_text(comp_text),
                     screen_text=jobs.optional_text(screen_text), src_text=jobs.optional_text(src_text),
                     bootstrap_text=jobs.optional_text(boot_text), steps=jobs.whole_number(n_steps, "steps", 1),
-                    size=jobs.whole_number(short_side, "size", 32, 2048), seed=jobs.whole_number(seed_value, "seed", -1),
+                    size=jobs.whole_number(short_side, "size", 32, 2048),
+                    seed=jobs.whole_number(seed_value, "seed", -1),
                     device=device_name if device_name in devices else devices[0],
                     preview_every=jobs.whole_number(every, "preview every", 1))
                 jobs.check_image_request(req, server)
@@ -257,7 +259,7 @@ def build_app(server: jobs.ServerSettings) -> gr.Blocks:
             with gr.Row():
                 with gr.Column(scale=2, min_width=320):
                     atlas = gr.Dropdown(atlas_names, value=atlas_names[0] if atlas_names else None,
-                                        label=f"Atlas (from {server.atlases})", elem_id="atlas",
+                                        label=f"Atlas (in {server.atlases.name}/)", elem_id="atlas",
                                         info="A video's Neural Layered Atlas; edits are painted on it, so they "
                                              "stay put on every frame.")
                     with gr.Accordion("Make an atlas from your own video", open=not atlas_names):
@@ -302,11 +304,12 @@ def build_app(server: jobs.ServerSettings) -> gr.Blocks:
                     v_preview = gr.Image(label="Preview: the middle frame", type="filepath", interactive=False,
                                          height=240, elem_id="v-preview")
                     with gr.Row():
-                        edited = gr.Video(label="Edited video", interactive=False, elem_id="edited-video", loop=True)
-                        side = gr.Video(label="Input | edit over green | output", interactive=False,
-                                        elem_id="side-by-side", loop=True)
-                    alpha_video = gr.Video(label="Edit layer with alpha (WebM)", interactive=False,
-                                           elem_id="alpha-video", loop=True)
+                        edited = gr.Video(label="Edited video", interactive=False, height=220, loop=True,
+                                          elem_id="edited-video")
+                        side = gr.Video(label="Input | edit over green | output", interactive=False, height=220,
+                                        loop=True, elem_id="side-by-side")
+                        alpha_video = gr.Video(label="Edit layer with alpha (WebM)", interactive=False, height=220,
+                                               loop=True, elem_id="alpha-video")
                     atlases_out = gr.Gallery(label="Atlas, edited atlas, edit layer", columns=3, height=220,
                                              format="png", elem_id="atlases")
                     v_loss = gr.Image(label="Losses", type="filepath", interactive=False, height=200,
@@ -359,7 +362,7 @@ def build_app(server: jobs.ServerSettings) -> gr.Blocks:
                       device_name, every, request: gr.Request):
             try:
                 req = jobs.VideoRequest(
-                    atlas=atlas_name, layer=layer_name, comp_text=(comp_text or "").strip(),
+                    atlas=atlas_name, layer=layer_name, comp_text=jobs.optional_text(comp_text),
                     screen_text=jobs.optional_text(screen_text), src_text=jobs.optional_text(src_text),
                     bootstrap_text=jobs.optional_text(boot_text), steps=jobs.whole_number(n_steps, "steps", 1),
                     seed=jobs.whole_number(seed_value, "seed", -1),
@@ -402,6 +405,7 @@ def launch(app: gr.Blocks, server: jobs.ServerSettings, host: str = "127.0.0.1",
     uploads up to the size limit."""
     from webapp.uploads import MAX_UPLOAD_MB
     app.queue(default_concurrency_limit=1)
-    return app.launch(server_name=host, server_port=port, share=share, allowed_paths=[str(server.results), str(server.atlases)],
+    return app.launch(server_name=host, server_port=port, share=share,
+                      allowed_paths=[str(server.results), str(server.atlases)],
                       max_file_size=f"{MAX_UPLOAD_MB}mb", css=CSS, theme=gr.themes.Soft(primary_hue="orange"), **kwargs)
 

@@ -56,12 +56,14 @@ def check_photo(path, name: str | None = None) -> tuple[int, int]:
     try:
         with Image.open(path) as img:  # reads the header only: the size is known before decoding
             width, height = img.size
-            if width * height > MAX_MEGAPIXELS * 1e6:
-                raise InputError(f"{name} is {width}x{height} ({width * height / 1e6:.0f} megapixels); upload a "
-                                 f"photo of at most {MAX_MEGAPIXELS} megapixels")
-            img.load()  # a truncated or corrupt file fails here
+            too_large = width * height > MAX_MEGAPIXELS * 1e6
+            if not too_large:
+                img.load()  # a truncated or corrupt file fails here
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise InputError(f"{name} is not a readable image ({type(e).__name__}); upload a JPEG or PNG photo") from e
+    if too_large:
+        raise InputError(f"{name} is {width}x{height} ({width * height / 1e6:.1f} megapixels); upload a photo of "
+                         f"at most {MAX_MEGAPIXELS} megapixels")
     return width, height
 
 
