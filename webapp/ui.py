@@ -7,6 +7,7 @@ training. Stop sets the session's job's stop flag; the run ends at its next prev
 result so far. Files reach the page only from the app's results folder.
 """
 
+import time
 import traceback
 from pathlib import Path
 
@@ -30,6 +31,7 @@ CSS = """
 .t2l-progress .t2l-line { font-size: 0.95em; margin-top: 4px; }
 .t2l-note { font-size: 0.9em; opacity: 0.85; }
 .t2l-refused { color: #c92a2a; font-weight: 600; }
+.t2l-result img { width: 100%; height: 100%; object-fit: contain; }  /* small previews fill their box */
 """
 
 
@@ -92,6 +94,12 @@ def example_rows(folder: Path) -> list:
                  (example.get(k) for k in ("comp_text", "screen_text", "src_text", "bootstrap_text"))]
         rows.append([str(target), *first])
     return rows
+
+
+def result_image(label: str, elem_id: str) -> gr.Image:
+    """An output image (a live preview while training, then the result), scaled to fill its box."""
+    return gr.Image(label=label, type="filepath", interactive=False, height=240, format="png", elem_id=elem_id,
+                    elem_classes="t2l-result", buttons=["download", "fullscreen"])
 
 
 # ---- the page --------------------------------------------------------------------------------------
@@ -177,15 +185,11 @@ def build_app(server: jobs.ServerSettings) -> gr.Blocks:
                     progress = gr.HTML(progress_html(None, "Upload a photo, type the texts and press Run."),
                                        elem_id="progress")
                     with gr.Row():
-                        composite = gr.Image(label="Composite", type="filepath", interactive=False, height=240,
-                                             elem_id="composite", buttons=["download", "fullscreen"])
-                        layer = gr.Image(label="Edit layer (RGBA)", type="filepath", interactive=False, height=240,
-                                         elem_id="edit-layer", format="png", buttons=["download", "fullscreen"])
+                        composite = result_image("Composite", "composite")
+                        layer = result_image("Edit layer (RGBA)", "edit-layer")
                     with gr.Row():
-                        green = gr.Image(label="Edit over green", type="filepath", interactive=False, height=240,
-                                         elem_id="edit-over-green", buttons=["download", "fullscreen"])
-                        alpha = gr.Image(label="Alpha", type="filepath", interactive=False, height=240,
-                                         elem_id="alpha", buttons=["download", "fullscreen"])
+                        green = result_image("Edit over green", "edit-over-green")
+                        alpha = result_image("Alpha", "alpha")
                     loss_plot = gr.Image(label="Losses", type="filepath", interactive=False, height=220,
                                          elem_id="loss-plot")
                     downloads = gr.File(label="Downloads (each PNG and the whole run as a zip)", file_count="multiple",
@@ -198,17 +202,19 @@ def build_app(server: jobs.ServerSettings) -> gr.Blocks:
                 gr.Examples(examples, [photo, comp, screen, src, boot], label="Examples (fill in every field)")
 
         def check_upload(value):
+            """A new photo (uploaded or an example's): its size under it, or, for a file that cannot
+            be edited, the reason, and the photo taken away again."""
             path, name = upload_path(value)
             if path is None:
-                return gr.update(), ""
+                return gr.update(), gr.update()  # cleared: a refusal's message stays
             try:
                 width, height = check_photo(check_origin(path, upload_roots), name)
             except USER_ERRORS as e:
-                gr.Warning(str(e), title="Upload refused")
+                gr.Warning(str(e))
                 return None, f'<span class="t2l-refused">{e}</span>'
             return gr.update(), f"{name}: {width}×{height}"
 
-        photo.upload(check_upload, photo, [photo, photo_note], preprocess=False, queue=False)
+        photo.change(check_upload, photo, [photo, photo_note], preprocess=False, concurrency_limit=None)
         device.change(settings_for, device, [steps, size, preview_every], queue=False)
 
         def run_image(photo_value, comp_text, screen_text, src_text, boot_text, n_steps, short_side, seed_value,
@@ -239,7 +245,7 @@ def build_app(server: jobs.ServerSettings) -> gr.Blocks:
 
             out = yield from follow(job, request.session_hash,
                                     lambda p: jobs.run_image_job(req, server, job, p), progress, previews)
-            report = jobs.Report(out.steps, req.steps, job.last.elapsed if job.last else 0.0, 0.0)
+            report = jobs.Report(out.steps, req.steps, time.monotonic() - job.started, 0.0)
             yield {progress: progress_html(report, "stopped" if out.stopped else "done"),
                    composite: str(out.composite), layer: str(out.edit_layer), green: str(out.edit_over_green),
                    alpha: str(out.alpha), loss_plot: str(out.loss_curve) if out.loss_curve else None,
@@ -251,7 +257,7 @@ def build_app(server: jobs.ServerSettings) -> gr.Blocks:
                   [progress, composite, layer, green, alpha, loss_plot, downloads, command], preprocess=False,
                   concurrency_id="training", concurrency_limit=1, show_progress="minimal",
                   show_progress_on=[progress])
-        stop_button.click(stop, None, None, queue=False)
+        stop_button.click(stop, None, None, concurrency_limit=None)
 
         # ---- Video tab ----
         atlas_names = jobs.list_atlases(server.atlases)
@@ -302,7 +308,7 @@ def build_app(server: jobs.ServerSettings) -> gr.Blocks:
                     v_progress = gr.HTML(progress_html(None, "Choose an atlas, type the texts and press Run."),
                                          elem_id="v-progress")
                     v_preview = gr.Image(label="Preview: the middle frame", type="filepath", interactive=False,
-                                         height=240, elem_id="v-preview")
+                                         height=240, elem_id="v-preview", elem_classes="t2l-result")
                     with gr.Row():
                         edited = gr.Video(label="Edited video", interactive=False, height=220, loop=True,
                                           elem_id="edited-video")
@@ -344,7 +350,7 @@ def build_app(server: jobs.ServerSettings) -> gr.Blocks:
             name = yield from follow(job, request.session_hash, lambda p: jobs.run_atlas_job(req, server, job, p),
                                      atlas_progress, previews, what="atlas step")
             done = job.last.step if job.last and job.stopped else req.steps
-            report = jobs.Report(done, req.steps, job.last.elapsed if job.last else 0.0, 0.0)
+            report = jobs.Report(done, req.steps, time.monotonic() - job.started, 0.0)
             yield {atlas_progress: progress_html(report, f"atlas '{name}' " + ("stopped" if job.stopped else "done"),
                                                  "atlas step"),
                    atlas_gallery: [(str(p), c) for p, c in jobs.atlas_preview(job.folder, -1)],
@@ -353,7 +359,7 @@ def build_app(server: jobs.ServerSettings) -> gr.Blocks:
         train_atlas.click(run_atlas, [video_file, masks, atlas_steps, atlas_size, v_device],
                           [atlas_progress, atlas_gallery, atlas], preprocess=False, concurrency_id="training",
                           concurrency_limit=1, show_progress="minimal", show_progress_on=[atlas_progress])
-        stop_atlas.click(stop, None, None, queue=False)
+        stop_atlas.click(stop, None, None, concurrency_limit=None)
         v_device.change(lambda d: (jobs.defaults_for(d)["video_steps"], jobs.defaults_for(d)["video_preview_every"],
                                    jobs.defaults_for(d)["atlas_steps"], jobs.defaults_for(d)["atlas_size"]),
                         v_device, [v_steps, v_every, atlas_steps, atlas_size], queue=False)
@@ -380,7 +386,7 @@ def build_app(server: jobs.ServerSettings) -> gr.Blocks:
 
             out = yield from follow(job, request.session_hash,
                                     lambda p: jobs.run_video_job(req, server, job, p), v_progress, previews)
-            report = jobs.Report(out.steps, req.steps, job.last.elapsed if job.last else 0.0, 0.0)
+            report = jobs.Report(out.steps, req.steps, time.monotonic() - job.started, 0.0)
             files = [out.edited, out.side_by_side, *([out.alpha_video] if out.alpha_video else []),
                      *(p for p, _ in out.atlases), out.zip]
             yield {v_progress: progress_html(report, "stopped" if out.stopped else "done"),
@@ -395,7 +401,7 @@ def build_app(server: jobs.ServerSettings) -> gr.Blocks:
                     [v_progress, v_preview, edited, side, alpha_video, atlases_out, v_loss, v_downloads, v_command],
                     preprocess=False, concurrency_id="training", concurrency_limit=1, show_progress="minimal",
                     show_progress_on=[v_progress])
-        v_stop.click(stop, None, None, queue=False)
+        v_stop.click(stop, None, None, concurrency_limit=None)
     return app
 
 
