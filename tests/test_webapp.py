@@ -13,7 +13,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from util.errors import ConfigError, InputError
+from util.errors import ClipFileError, ConfigError, InputError, PromptTooLongError
 from webapp import jobs
 from webapp.uploads import check_masks, check_origin, check_photo, check_video
 
@@ -95,6 +95,8 @@ def test_requests_are_refused_with_the_command_lines_messages_before_anything_is
         jobs.whole_number("2.5", "steps", 1)
     with pytest.raises(ConfigError, match="size must be a whole number from 32 to 2048; got 4"):
         jobs.whole_number(4, "size", 32, 2048)
+    with pytest.raises(PromptTooLongError, match="over CLIP's limit of 77; use a shorter prompt"):
+        jobs.check_image_request(image_request(cat_photo, screen_text="gold " * 80), server)
     with pytest.raises(InputError, match="no atlas chosen"):
         jobs.check_video_request(jobs.VideoRequest("", "background", "snow", None, None, None, 4, 0, "cpu", 2), server)
     with pytest.raises(InputError, match="there is no atlas '../atlases'"):
@@ -245,3 +247,13 @@ def test_atlas_job_trains_an_uploaded_video_and_video_job_edits_it(server, tiny_
     assert out.edited.is_file() and out.side_by_side.is_file() and out.alpha_video.name == "edit_layer.webm"
     assert [c for _, c in out.atlases] == ["atlas", "edited atlas", "edit layer"]
     assert out.command.startswith("python train_video.py --config edit-")
+
+
+def test_a_run_refused_while_it_starts_leaves_no_job_folder(server, cat_photo):
+    server.clip = str(cat_photo)  # not a CLIP checkpoint: found out only when the run loads it
+    job = jobs.Job(jobs.new_job_folder(server.results, "image"))
+    job.start(lambda progress: jobs.run_image_job(image_request(cat_photo), server, job, progress))
+    for _ in job.reports(poll=0.1):
+        pass
+    assert isinstance(job.error, ClipFileError) and job.result is None
+    assert not job.folder.exists()

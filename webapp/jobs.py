@@ -18,17 +18,18 @@ import shutil
 import threading
 import time
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from util.errors import ConfigError, InputError
+from util.errors import USER_ERRORS, ConfigError, InputError
 from webapp.uploads import check_masks, check_photo, check_video
 
 # what a run costs on each kind of device: the UI's defaults (a CPU run should show a first
 # preview within a minute or two and finish within about ten minutes)
-CPU_DEFAULTS = {"steps": 150, "size": 256, "preview_every": 10, "video_steps": 60, "video_preview_every": 5,
+CPU_DEFAULTS = {"steps": 120, "size": 256, "preview_every": 10, "video_steps": 60, "video_preview_every": 5,
                 "atlas_steps": 2000, "atlas_size": 240}
 GPU_DEFAULTS = {"steps": 1000, "size": 512, "preview_every": 50, "video_steps": 3000, "video_preview_every": 100,
                 "atlas_steps": 20000, "atlas_size": 432}
@@ -216,6 +217,23 @@ def whole_number(value, name: str, low: int, high: int | None = None) -> int:
     return int(number)
 
 
+def check_prompt_lengths(*texts):
+    """Each text within CLIP's 77 tokens (PromptTooLongError, as the command lines say it)."""
+    from models.tokenizer import tokenize
+    tokenize([t for t in texts if t])
+
+
+@contextmanager
+def removed_on_user_error(folder: Path):
+    """A job whose run fails with a user error (a text over CLIP's limit after its template, a
+    damaged checkpoint) leaves no folder behind."""
+    try:
+        yield
+    except USER_ERRORS:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
 # ---- image jobs -----------------------------------------------------------------------------------
 
 @dataclass
@@ -246,6 +264,7 @@ def check_image_request(request: ImageRequest, server: ServerSettings):
             "src_text": request.src_text, "bootstrap_text": request.bootstrap_text, "n_epochs": request.steps,
             "seed": request.seed, "device": request.device, **image_config_keys(request, server)}
     check_image_config(load_config("image", overrides=keys))
+    check_prompt_lengths(request.comp_text, request.screen_text, request.src_text, request.bootstrap_text)
 
 
 @dataclass
@@ -265,11 +284,12 @@ def run_image_job(request: ImageRequest, server: ServerSettings, job: Job, progr
     """Train an image edit into the job folder (edit_image, as the command line does) and pack it."""
     import text2live
     photo = job.folder / ("input" + Path(request.photo_name).suffix.lower())
-    shutil.copyfile(request.photo, photo)
-    result = text2live.edit_image(photo, request.comp_text, request.screen_text, request.src_text,
-                                  request.bootstrap_text, steps=request.steps, seed=request.seed,
-                                  device=request.device, overrides=image_config_keys(request, server),
-                                  progress=progress, out_dir=job.folder)
+    with removed_on_user_error(job.folder):
+        shutil.copyfile(request.photo, photo)
+        result = text2live.edit_image(photo, request.comp_text, request.screen_text, request.src_text,
+                                      request.bootstrap_text, steps=request.steps, seed=request.seed,
+                                      device=request.device, overrides=image_config_keys(request, server),
+                                      progress=progress, out_dir=job.folder)
     run, final = result.run_dir, result.run_dir / "final"
     stopped = result.steps < request.steps
     command = reproduce_command("image", run.name, photo.name, steps=result.steps if stopped else None)
@@ -327,6 +347,7 @@ def check_video_request(request: VideoRequest, server: ServerSettings):
             "device": request.device, "finetune_foreground": request.layer == "foreground",
             "finetune_background": request.layer == "background", **video_config_keys(request, server)}
     check_video_config(load_config("video", overrides=keys))
+    check_prompt_lengths(request.comp_text, request.screen_text, request.src_text, request.bootstrap_text)
 
 
 @dataclass
@@ -344,11 +365,12 @@ class VideoOutputs:
 
 def run_video_job(request: VideoRequest, server: ServerSettings, job: Job, progress) -> VideoOutputs:
     import text2live
-    result = text2live.edit_video(atlas_folder(server, request.atlas), request.comp_text, request.screen_text,
-                                  request.src_text, request.bootstrap_text, layer=request.layer,
-                                  steps=request.steps, seed=request.seed, device=request.device,
-                                  overrides=video_config_keys(request, server), progress=progress,
-                                  out_dir=job.folder)
+    with removed_on_user_error(job.folder):
+        result = text2live.edit_video(atlas_folder(server, request.atlas), request.comp_text,
+                                      request.screen_text, request.src_text, request.bootstrap_text,
+                                      layer=request.layer, steps=request.steps, seed=request.seed,
+                                      device=request.device, overrides=video_config_keys(request, server),
+                                      progress=progress, out_dir=job.folder)
     run, final = result.run_dir, result.run_dir / "final"
     stopped = result.steps < request.steps
     command = reproduce_command("video", run.name, steps=result.steps if stopped else None)

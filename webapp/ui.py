@@ -148,9 +148,9 @@ def build_app(server: jobs.ServerSettings) -> gr.Blocks:
                     "(colour + opacity) for your photo or video, while you watch. Each run trains from scratch.")
         if devices[0] == "cpu":
             gr.Markdown(f"Running on the **CPU**: a training step takes seconds, so the defaults are small "
-                        f"({first['steps']} steps at {first['size']} px): a first preview comes within a minute "
-                        "or two and the result within about ten minutes. A GPU runs 1000 steps at 512 px in a "
-                        "few minutes.", elem_classes="t2l-note")
+                        f"({first['steps']} steps at {first['size']} px): on a 2-core CPU the first preview "
+                        "comes after about a minute and the result after about ten. A GPU runs 1000 steps at "
+                        "512 px in about five minutes (H100).", elem_classes="t2l-note")
 
         # ---- Image tab ----
         with gr.Tab("Image", id="image"):
