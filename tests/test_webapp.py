@@ -170,6 +170,17 @@ def test_time_left_excludes_the_start_up():
     assert jobs.format_seconds(80) == "1 min 20 s" and jobs.format_seconds(7300) == "2 h 01 min"
 
 
+def test_between_reports_the_page_shows_the_time_passing(tmp_path):
+    job = jobs.Job(tmp_path)
+    assert job.now() is None
+    job.started -= 50  # the first report (step 10 of 100) 50 s after the start: 450 s left
+    job.progress(10, 100)
+    time.sleep(0.3)
+    now = job.now()
+    assert now.step == 10 and now.elapsed >= job.last.elapsed + 0.3
+    assert job.last.eta - now.eta == pytest.approx(now.elapsed - job.last.elapsed)
+
+
 # ---- a real (tiny) run and its zip -------------------------------------------------------------
 
 def run_job(request, server):

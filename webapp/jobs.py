@@ -129,6 +129,13 @@ class Job:
         self._reports.put(self.last)
         return not self._stop.is_set()
 
+    def now(self) -> Report | None:
+        """The latest report brought up to now: the time elapsed grows, the time left shrinks."""
+        if self.last is None:
+            return None
+        elapsed = time.monotonic() - self.started
+        return Report(self.last.step, self.last.total, elapsed, max(0.0, self.last.eta - (elapsed - self.last.elapsed)))
+
     def start(self, work):
         def run():
             try:

@@ -7,6 +7,7 @@ training. Stop sets the session's job's stop flag; the run ends at its next prev
 result so far. Files reach the page only from the app's results folder.
 """
 
+import html
 import time
 import traceback
 from pathlib import Path
@@ -123,9 +124,11 @@ def build_app(server: jobs.ServerSettings) -> gr.Blocks:
             yield {progress_out: progress_html(None, "starting (loading the models)…")}
             for report in job.reports():
                 stage = "stopping" if job.stopped else "running"
-                if report is None:  # no news: refresh the elapsed time
-                    if job.last is not None:
-                        yield {progress_out: progress_html(job.last, stage, what)}
+                if report is None:  # no news: the time passing
+                    now = job.now()
+                    waited = jobs.format_seconds(time.monotonic() - job.started)
+                    yield {progress_out: progress_html(now, stage, what) if now else
+                           progress_html(None, f"starting (loading the models)… {waited}")}
                     continue
                 yield {progress_out: progress_html(report, stage, what), **previews(report)}
         finally:
@@ -211,8 +214,8 @@ def build_app(server: jobs.ServerSettings) -> gr.Blocks:
                 width, height = check_photo(check_origin(path, upload_roots), name)
             except USER_ERRORS as e:
                 gr.Warning(str(e))
-                return None, f'<span class="t2l-refused">{e}</span>'
-            return gr.update(), f"{name}: {width}×{height}"
+                return None, f'<span class="t2l-refused">{html.escape(str(e))}</span>'
+            return gr.update(), html.escape(f"{name}: {width}×{height}")
 
         photo.change(check_upload, photo, [photo, photo_note], preprocess=False, concurrency_limit=None)
         device.change(settings_for, device, [steps, size, preview_every], queue=False)
