@@ -64,7 +64,8 @@ def upload_path(value):
 
 
 def user_error(e: Exception) -> gr.Error:
-    return gr.Error(str(e).splitlines()[0] if str(e) else type(e).__name__, print_exception=False)
+    """The one-line message of a user error, shown until the user closes it."""
+    return gr.Error(str(e).splitlines()[0] if str(e) else type(e).__name__, duration=None, print_exception=False)
 
 
 def example_rows(folder: Path) -> list:
@@ -139,7 +140,8 @@ def build_app(server: jobs.ServerSettings) -> gr.Blocks:
             raise user_error(job.error)
         if job.error is not None:
             traceback.print_exception(job.error)
-            raise gr.Error(f"the run failed: {type(job.error).__name__}: {job.error}", print_exception=False)
+            raise gr.Error(f"the run failed: {type(job.error).__name__}: {job.error}", duration=None,
+                           print_exception=False)
         return job.result
 
     def stop(request: gr.Request):
@@ -193,13 +195,14 @@ def build_app(server: jobs.ServerSettings) -> gr.Blocks:
                     with gr.Row():
                         green = result_image("Edit over green", "edit-over-green")
                         alpha = result_image("Alpha", "alpha")
-                    loss_plot = gr.Image(label="Losses", type="filepath", interactive=False, height=220,
-                                         elem_id="loss-plot")
-                    downloads = gr.File(label="Downloads (each PNG and the whole run as a zip)", file_count="multiple",
-                                        interactive=False, elem_id="downloads")
-                    command = gr.Code(label="Run it again from the command line (unzip in the repository first)",
-                                      language="shell", interactive=False, lines=1, wrap_lines=True,
-                                      elem_id="command")
+                    with gr.Column(visible=False) as results_box:  # shown when a run has ended
+                        loss_plot = gr.Image(label="Losses", type="filepath", interactive=False, height=220,
+                                             elem_id="loss-plot")
+                        downloads = gr.File(label="Downloads (each PNG and the whole run as a zip)",
+                                            file_count="multiple", interactive=False, elem_id="downloads")
+                        command = gr.Code(label="Run it again from the command line (unzip in the repository first)",
+                                          language="shell", interactive=False, lines=1, wrap_lines=True,
+                                          elem_id="command")
             examples = example_rows(server.results / "examples")
             if examples:
                 gr.Examples(examples, [photo, comp, screen, src, boot], label="Examples (fill in every field)")
@@ -254,10 +257,11 @@ def build_app(server: jobs.ServerSettings) -> gr.Blocks:
                    alpha: str(out.alpha), loss_plot: str(out.loss_curve) if out.loss_curve else None,
                    downloads: [str(p) for p in (out.composite, out.edit_layer, out.edit_over_green, out.alpha,
                                                 out.zip)],
-                   command: out.command}
+                   command: out.command, results_box: gr.Column(visible=True)}
 
         run.click(run_image, [photo, comp, screen, src, boot, steps, size, seed, device, preview_every],
-                  [progress, composite, layer, green, alpha, loss_plot, downloads, command], preprocess=False,
+                  [progress, composite, layer, green, alpha, loss_plot, downloads, command, results_box],
+                  preprocess=False,
                   concurrency_id="training", concurrency_limit=1, show_progress="minimal",
                   show_progress_on=[progress])
         stop_button.click(stop, None, None, concurrency_limit=None)
@@ -275,7 +279,8 @@ def build_app(server: jobs.ServerSettings) -> gr.Blocks:
                         video_file = gr.File(label="Video (MP4, MOV, WebM…)", file_types=list(VIDEO_SUFFIXES),
                                              elem_id="video-file")
                         masks = gr.File(label="Object masks, one image per frame (optional; white = object)",
-                                        file_count="multiple", file_types=list(MASK_SUFFIXES), elem_id="masks")
+                                        file_count="multiple", file_types=list(MASK_SUFFIXES), height=160,
+                                        elem_id="masks")
                         with gr.Row():
                             atlas_steps = gr.Number(label="Atlas steps", value=first["atlas_steps"], precision=0,
                                                     minimum=1, elem_id="atlas-steps")
@@ -312,22 +317,23 @@ def build_app(server: jobs.ServerSettings) -> gr.Blocks:
                                          elem_id="v-progress")
                     v_preview = gr.Image(label="Preview: the middle frame", type="filepath", interactive=False,
                                          height=240, elem_id="v-preview", elem_classes="t2l-result")
-                    with gr.Row():
-                        edited = gr.Video(label="Edited video", interactive=False, height=220, loop=True,
-                                          elem_id="edited-video")
-                        side = gr.Video(label="Input | edit over green | output", interactive=False, height=220,
-                                        loop=True, elem_id="side-by-side")
-                        alpha_video = gr.Video(label="Edit layer with alpha (WebM)", interactive=False, height=220,
-                                               loop=True, elem_id="alpha-video")
-                    atlases_out = gr.Gallery(label="Atlas, edited atlas, edit layer", columns=3, height=220,
-                                             format="png", elem_id="atlases")
-                    v_loss = gr.Image(label="Losses", type="filepath", interactive=False, height=200,
-                                      elem_id="v-loss-plot")
-                    v_downloads = gr.File(label="Downloads (videos, atlases and the whole run as a zip)",
-                                          file_count="multiple", interactive=False, elem_id="v-downloads")
-                    v_command = gr.Code(label="Run it again from the command line (unzip in the repository first)",
-                                        language="shell", interactive=False, lines=1, wrap_lines=True,
-                                        elem_id="v-command")
+                    with gr.Column(visible=False) as v_results_box:  # shown when a run has ended
+                        with gr.Row():
+                            edited = gr.Video(label="Edited video", interactive=False, height=220, loop=True,
+                                              elem_id="edited-video")
+                            side = gr.Video(label="Input | edit over green | output", interactive=False,
+                                            height=220, loop=True, elem_id="side-by-side")
+                            alpha_video = gr.Video(label="Edit layer with alpha (WebM)", interactive=False,
+                                                   height=220, loop=True, elem_id="alpha-video")
+                        atlases_out = gr.Gallery(label="Atlas, edited atlas, edit layer", columns=3, height=220,
+                                                 format="png", elem_id="atlases")
+                        v_loss = gr.Image(label="Losses", type="filepath", interactive=False, height=200,
+                                          elem_id="v-loss-plot")
+                        v_downloads = gr.File(label="Downloads (videos, atlases and the whole run as a zip)",
+                                              file_count="multiple", interactive=False, elem_id="v-downloads")
+                        v_command = gr.Code(label="Run it again from the command line (unzip in the repository "
+                                            "first)", language="shell", interactive=False, lines=1,
+                                            wrap_lines=True, elem_id="v-command")
 
         def run_atlas(video_value, mask_values, n_steps, short_side, device_name, request: gr.Request):
             try:
@@ -397,14 +403,22 @@ def build_app(server: jobs.ServerSettings) -> gr.Blocks:
                    alpha_video: str(out.alpha_video) if out.alpha_video else None,
                    atlases_out: [(str(p), c) for p, c in out.atlases],
                    v_loss: str(out.loss_curve) if out.loss_curve else None,
-                   v_downloads: [str(p) for p in files], v_command: out.command}
+                   v_downloads: [str(p) for p in files], v_command: out.command,
+                   v_results_box: gr.Column(visible=True)}
 
         v_run.click(run_video, [atlas, video_layer, v_comp, v_screen, v_src, v_boot, v_steps, v_seed, v_device,
                                 v_every],
-                    [v_progress, v_preview, edited, side, alpha_video, atlases_out, v_loss, v_downloads, v_command],
+                    [v_progress, v_preview, edited, side, alpha_video, atlases_out, v_loss, v_downloads, v_command,
+                     v_results_box],
                     preprocess=False, concurrency_id="training", concurrency_limit=1, show_progress="minimal",
                     show_progress_on=[v_progress])
         v_stop.click(stop, None, None, concurrency_limit=None)
+
+        def refresh_atlases():  # atlases trained since the app started (by any page) are offered too
+            names = jobs.list_atlases(server.atlases)
+            return gr.Dropdown(choices=names, value=names[0] if names else None)
+
+        app.load(refresh_atlases, None, atlas, concurrency_limit=None)
     return app
 
 
