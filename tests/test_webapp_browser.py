@@ -123,12 +123,16 @@ def test_an_unreadable_upload_shows_the_message_and_writes_nothing(page, app, tm
     wait_for_text(page, "#photo-note", "holiday.jpg is not a readable image")
     page.locator("[data-testid='toast-body']").filter(has_text="holiday.jpg is not a readable image").wait_for()
     page.click("#run")  # the photo was refused, so there is nothing to run
-    page.locator("[data-testid='toast-body']").filter(has_text="no photo; upload one").wait_for()
+    toast = page.locator("[data-testid='toast-body']").filter(has_text="no photo; upload one")
+    toast.wait_for()
+    toast.get_by_role("button").last.click()  # errors stay until closed (x)
+    toast.wait_for(state="detached")
+    assert page.locator("[data-testid='toast-body']").filter(has_text="no photo").count() == 0
     page.get_by_text("cat with leopard fur").first.click()  # the example's photo back, for the screenshot
     assert sorted(app[1].iterdir()) == before
 
 
-def test_image_tab_runs_shows_progress_and_previews_stops_and_downloads(page, app, tmp_path):
+def test_image_tab_runs_shows_progress_and_previews_stops_and_downloads(page, browser, app, tmp_path):
     page.get_by_text("cat with leopard fur").first.click()  # an example fills in every field
     assert page.input_value("#comp textarea") == "cat with leopard fur"
     assert page.input_value("#screen textarea") == "leopard fur" and page.input_value("#bootstrap textarea") == "cat"
@@ -138,11 +142,23 @@ def test_image_tab_runs_shows_progress_and_previews_stops_and_downloads(page, ap
     # a long run, stopped: it ends cleanly with the result so far
     page.click("#run")
     wait_for_text(page, "#progress", "/ 5000")
+    # meanwhile another user's run waits in the queue, and their page says so
+    other = browser.new_page(viewport={"width": 1280, "height": 900})
+    other.set_default_timeout(TIMEOUT_MS)
+    other.goto(app[0])
+    other.get_by_text("cat with leopard fur").first.click()
+    other.wait_for_selector("#photo img")
+    fill(other, {"#steps": 4, "#size": 64, "#preview-every": 2})
+    other.click("#run")
+    wait_for_text(other, "#progress", "queue: 1/1")
+    assert "/ 5000" in page.inner_text("#progress")  # one run at a time
     page.click("#stop")
     wait_for_text(page, "#progress", "stopped: step")
     done = int(page.inner_text("#progress").split("step ")[1].split(" /")[0])
     assert 5 <= done < 5000 and done % 5 == 0
     wait_for_text(page, "#command", f"n_epochs={done}")
+    wait_for_text(other, "#progress", "done: step 4 / 4")  # the queued run went next
+    other.close()
     layer = download(page, "#downloads a[download='edit_layer.png']", tmp_path / "stopped")
     with Image.open(layer) as img:
         assert img.mode == "RGBA" and img.size == (96, 64)  # 451x300 cat, short side 64
