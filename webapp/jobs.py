@@ -22,8 +22,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from util.errors import USER_ERRORS, ConfigError, InputError
 from webapp.uploads import check_masks, check_photo, check_video
 
@@ -525,6 +523,3 @@ def format_seconds(seconds: float | None) -> str:
         return f"{seconds // 60} min {seconds % 60:02d} s"
     return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
-
-def saved_config(run: Path) -> dict:
-    return yaml.safe_load((run / "config.yaml").read_text())

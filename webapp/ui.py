@@ -15,7 +15,7 @@ from pathlib import Path
 import gradio as gr
 from gradio.utils import get_upload_folder
 
-from util.errors import USER_ERRORS
+from util.errors import USER_ERRORS, InputError
 from webapp import jobs
 from webapp.uploads import MASK_SUFFIXES, MAX_MEGAPIXELS, VIDEO_SUFFIXES, check_origin, check_photo
 
@@ -228,7 +228,7 @@ def build_app(server: jobs.ServerSettings) -> gr.Blocks:
             try:
                 path, name = upload_path(photo_value)
                 if path is None:
-                    raise jobs.InputError("no photo; upload one (or pick an example) first")
+                    raise InputError("no photo; upload one (or pick an example) first")
                 req = jobs.ImageRequest(
                     photo=check_origin(path, upload_roots), photo_name=name, comp_text=jobs.optional_text(comp_text),
                     screen_text=jobs.optional_text(screen_text), src_text=jobs.optional_text(src_text),
@@ -339,7 +339,7 @@ def build_app(server: jobs.ServerSettings) -> gr.Blocks:
             try:
                 path, name = upload_path(video_value)
                 if path is None:
-                    raise jobs.InputError("no video; upload one first")
+                    raise InputError("no video; upload one first")
                 mask_files = [upload_path(v) for v in (mask_values or [])]
                 req = jobs.AtlasRequest(
                     video=check_origin(path, upload_roots), video_name=name,
