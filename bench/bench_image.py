@@ -25,7 +25,7 @@ from datasets.image_dataset import ImageDataset  # noqa: E402
 from losses.clip_loss import Text2LiveLoss  # noqa: E402
 from models.clip import load_clip, random_clip  # noqa: E402
 from training.image import load_input, make_generator, make_optimizer, train_step  # noqa: E402
-from util.config import load_config  # noqa: E402
+from util.config import load_config, parse_overrides  # noqa: E402
 from util.image_io import shared_data_root  # noqa: E402
 
 
@@ -38,13 +38,16 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "off"], help="mixed_precision")
     parser.add_argument("--image", default=None, help="photo (default: the shared horse, else skimage:chelsea)")
+    parser.add_argument("--profile", default=None, metavar="FILE",
+                        help="also profile 3 more steps with torch.profiler; write the top operators table to FILE")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config keys on top of golden_horse's")
     args = parser.parse_args()
 
     horse = shared_data_root() / "images" / "horse.jpg"
     image_path = args.image or (str(horse) if horse.exists() else "skimage:chelsea")
     cfg = load_config("image", example="golden_horse",
                       overrides={"image_path": image_path, "resize_input": args.size, "device": args.device,
-                                 "mixed_precision": args.precision})
+                                 "mixed_precision": args.precision, **parse_overrides(args.overrides)})
     device = torch.device(args.device)
     clip = load_clip(args.clip, device) if args.clip else random_clip("ViT-B/32").eval().requires_grad_(False).to(device)
     image = load_input(cfg, device)
@@ -55,6 +58,7 @@ def main():
     dataset = ImageDataset(image, cfg)
     rng, torch_gen = random.Random(0), torch.Generator().manual_seed(0)
 
+    began = time.perf_counter()
     times = []
     for step in range(1, args.steps + args.warmup + 1):  # step 0 (source joins the batch) is left out
         if step == args.warmup + 1:
@@ -69,16 +73,30 @@ def main():
             torch.cuda.synchronize()
         if step > args.warmup:
             times.append(time.perf_counter() - t0)
+    wall = time.perf_counter() - began
     result = {
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "size": args.size, "image": f"{image.shape[-2]}x{image.shape[-1]}", "device": str(device), "precision": args.precision,
         "threads": torch.get_num_threads(), "steps": len(times),
         "seconds_per_step": round(statistics.median(times), 3),
+        "steps_per_second": round(1 / statistics.median(times), 2), "wall_seconds": round(wall, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "clip_image_passes_per_step": round(loss_fn.image_passes / len(times), 2),
     }
     if device.type == "cuda":
         result["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
     print(json.dumps(result))
+    if args.profile:
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as prof:
+            for step in range(step + 1, step + 4):
+                train_step(generator, optimizer, loss_fn, dataset.sample(step, rng), step, rng, torch_gen)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+        Path(args.profile).write_text(prof.key_averages().table(sort_by=key, row_limit=40))
 
 
 if __name__ == "__main__":
