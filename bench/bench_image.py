@@ -40,6 +40,9 @@ def main():
     parser.add_argument("--image", default=None, help="photo (default: the shared horse, else skimage:chelsea)")
     parser.add_argument("--profile", default=None, metavar="FILE",
                         help="also profile 3 more steps with torch.profiler; write the top operators table to FILE")
+    parser.add_argument("--no-cudnn", action="store_true", help="convolutions without cuDNN (an experiment)")
+    parser.add_argument("--madgrad-package", action="store_true",
+                        help="the madgrad package's per-parameter step instead of FastMADGRAD (for comparison)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config keys on top of golden_horse's")
     args = parser.parse_args()
 
@@ -54,6 +57,11 @@ def main():
     torch.manual_seed(0)
     generator = make_generator(cfg).to(device)
     optimizer = make_optimizer(generator.parameters(), cfg)
+    if args.madgrad_package:
+        import madgrad
+        optimizer = madgrad.MADGRAD(generator.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
+                                    weight_decay=cfg["weight_decay"])
+    torch.backends.cudnn.enabled = not args.no_cudnn
     loss_fn = Text2LiveLoss(clip, cfg, device)
     dataset = ImageDataset(image, cfg)
     rng, torch_gen = random.Random(0), torch.Generator().manual_seed(0)
@@ -77,7 +85,7 @@ def main():
     result = {
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "size": args.size, "image": f"{image.shape[-2]}x{image.shape[-1]}", "device": str(device), "precision": args.precision,
-        "threads": torch.get_num_threads(), "steps": len(times),
+        "cudnn": not args.no_cudnn, "optimizer": type(optimizer).__name__, "threads": torch.get_num_threads(), "steps": len(times),
         "seconds_per_step": round(statistics.median(times), 3),
         "steps_per_second": round(1 / statistics.median(times), 2), "wall_seconds": round(wall, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),

@@ -47,6 +47,8 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--clip", default=None, help="CLIP checkpoint file (default: random ViT-B/32)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--profile", default=None, metavar="FILE",
+                        help="also profile 3 more steps with torch.profiler; write the top operators table to FILE")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     cfg = load_config("video", example=args.example, overrides=[
@@ -67,16 +69,19 @@ def main(argv=None):
     generator = make_generator(cfg).to(device)
     optimizer = make_optimizer(generator.parameters(), cfg)
 
+    def train_step(step):
+        optimizer.zero_grad(set_to_none=True)
+        total, _ = video_step(generator, video, loss_fn, step, rng, torch_gen, loss_fn.precision)
+        total.backward()
+        optimizer.step()
+
     times = []
     for step in range(1, args.steps + args.warmup + 1):
         if step == args.warmup + 1 and device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         synchronize(device)
         t0 = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        total, _ = video_step(generator, video, loss_fn, step, rng, torch_gen, loss_fn.precision)
-        total.backward()
-        optimizer.step()
+        train_step(step)
         synchronize(device)
         if step > args.warmup:
             times.append(time.perf_counter() - t0)
@@ -95,6 +100,16 @@ def main(argv=None):
     if device.type == "cuda":
         result["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
     print(json.dumps(result))
+    if args.profile:
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as prof:
+            for step in range(step + 1, step + 4):
+                train_step(step)
+            synchronize(device)
+        key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+        Path(args.profile).write_text(prof.key_averages().table(sort_by=key, row_limit=40))
 
 
 if __name__ == "__main__":

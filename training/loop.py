@@ -59,9 +59,9 @@ def seed_run(seed: int):
 
 def make_optimizer(params, cfg: dict):
     name, lr, m, wd = cfg["optimizer"], cfg["lr"], cfg["momentum"], cfg["weight_decay"]
-    if name == "madgrad":
-        import madgrad
-        return madgrad.MADGRAD(params, lr=lr, momentum=m, weight_decay=wd)
+    if name == "madgrad":  # the package's arithmetic and state, in multi-tensor operations
+        from training.optim import FastMADGRAD
+        return FastMADGRAD(params, lr=lr, momentum=m, weight_decay=wd)
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, betas=(m, 0.999), weight_decay=wd)
     if name == "radam":
