@@ -23,6 +23,7 @@ from tqdm import tqdm
 from util.config import public
 from util.errors import ConfigError, SaveError
 from util.files import save_atomic, save_failed, write_text_atomic
+from util.precision import gpu_fast_path
 
 LOSS_COLUMNS = ["step", "total", "comp_text", "comp_dir", "screen", "structure", "sparsity",
                 "bootstrap", "lambda_bootstrap", "lr"]
@@ -211,42 +212,44 @@ def fit(cfg: dict, run_dir: Path, model, optimizer, step_fn, snapshot_fn, rng, t
     def save_checkpoint(step):
         save_atomic(checkpoint_state(step, model, optimizer, lr, rng, torch_gen, cfg, extra_state), last)
 
-    try:
-        for step in bar:
-            # randomness a step consumes is rolled back if it is interrupted before its update
-            snapshot = (rng.getstate(), torch_gen.get_state(), torch.get_rng_state())
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            total, terms = step_fn(step, rng, torch_gen)
-            done, snapshot = step + 1, None
-            row = {"step": done, "total": total, "lr": lr, **terms}
-            if cfg["scheduler_policy"] == "exponential":
-                lr = max(cfg["min_lr"], cfg["gamma"] * lr)
-            log.write(row)
-            if wandb_run is not None:
-                wandb_run.log(row, step=done)
-            bar.set_postfix(loss=f"{total:.4f}", lr=f"{lr:.2e}")
-            if done % cfg["log_images_freq"] == 0 and done < n_steps:
-                preview = snapshot_fn(run_dir / "intermediate" / f"step_{done:05d}", done)
-                save_checkpoint(done)
-                if progress is not None and progress(done, n_steps, preview) is False:
-                    print(f"stopped after step {done} of {n_steps}", file=sys.stderr)
-                    break
-    except KeyboardInterrupt:
-        bar.close()
-        log.close()
-        if snapshot is not None:
-            rng.setstate(snapshot[0])
-            torch_gen.set_state(snapshot[1])
-            torch.set_rng_state(snapshot[2])
-        save_checkpoint(done)
-        print(f"\ninterrupted after step {done}; continue with: python {script} resume={run_dir}",
-              file=sys.stderr)
-        raise
-    except SaveError as e:
-        bar.close()
-        log.close()
-        raise SaveError(f"{e}; continue later with: python {script} resume={run_dir}") from None
+    device = next(model.parameters()).device
+    with gpu_fast_path(cfg.get("fast_path", True), device):  # on CUDA: convolutions without cuDNN
+        try:
+            for step in bar:
+                # randomness a step consumes is rolled back if it is interrupted before its update
+                snapshot = (rng.getstate(), torch_gen.get_state(), torch.get_rng_state())
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                total, terms = step_fn(step, rng, torch_gen)
+                done, snapshot = step + 1, None
+                row = {"step": done, "total": total, "lr": lr, **terms}
+                if cfg["scheduler_policy"] == "exponential":
+                    lr = max(cfg["min_lr"], cfg["gamma"] * lr)
+                log.write(row)
+                if wandb_run is not None:
+                    wandb_run.log(row, step=done)
+                bar.set_postfix(loss=f"{total:.4f}", lr=f"{lr:.2e}")
+                if done % cfg["log_images_freq"] == 0 and done < n_steps:
+                    preview = snapshot_fn(run_dir / "intermediate" / f"step_{done:05d}", done)
+                    save_checkpoint(done)
+                    if progress is not None and progress(done, n_steps, preview) is False:
+                        print(f"stopped after step {done} of {n_steps}", file=sys.stderr)
+                        break
+        except KeyboardInterrupt:
+            bar.close()
+            log.close()
+            if snapshot is not None:
+                rng.setstate(snapshot[0])
+                torch_gen.set_state(snapshot[1])
+                torch.set_rng_state(snapshot[2])
+            save_checkpoint(done)
+            print(f"\ninterrupted after step {done}; continue with: python {script} resume={run_dir}",
+                  file=sys.stderr)
+            raise
+        except SaveError as e:
+            bar.close()
+            log.close()
+            raise SaveError(f"{e}; continue later with: python {script} resume={run_dir}") from None
     bar.close()
     log.close()
     save_checkpoint(done)
