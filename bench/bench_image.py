@@ -20,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
+from profiling import profile_steps  # noqa: E402  (bench/profiling.py)
 
 from datasets.image_dataset import ImageDataset  # noqa: E402
 from losses.clip_loss import Text2LiveLoss  # noqa: E402
@@ -95,16 +96,7 @@ def main():
         result["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
     print(json.dumps(result))
     if args.profile:
-        activities = [torch.profiler.ProfilerActivity.CPU]
-        if device.type == "cuda":
-            activities.append(torch.profiler.ProfilerActivity.CUDA)
-        with torch.profiler.profile(activities=activities) as prof:
-            for step in range(step + 1, step + 4):
-                train_step(generator, optimizer, loss_fn, dataset.sample(step, rng), step, rng, torch_gen)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-        key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
-        Path(args.profile).write_text(prof.key_averages().table(sort_by=key, row_limit=40))
+        profile_steps(lambda s: train_step(generator, optimizer, loss_fn, dataset.sample(s, rng), s, rng, torch_gen), step + 1, device, args.profile)
 
 
 if __name__ == "__main__":

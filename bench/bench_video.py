@@ -22,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
+from profiling import profile_steps  # noqa: E402  (bench/profiling.py)
 
 from datasets.video_atlas import VideoAtlas  # noqa: E402
 from losses.clip_loss import Text2LiveLoss  # noqa: E402
@@ -101,15 +102,7 @@ def main(argv=None):
         result["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
     print(json.dumps(result))
     if args.profile:
-        activities = [torch.profiler.ProfilerActivity.CPU]
-        if device.type == "cuda":
-            activities.append(torch.profiler.ProfilerActivity.CUDA)
-        with torch.profiler.profile(activities=activities) as prof:
-            for step in range(step + 1, step + 4):
-                train_step(step)
-            synchronize(device)
-        key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
-        Path(args.profile).write_text(prof.key_averages().table(sort_by=key, row_limit=40))
+        profile_steps(train_step, step + 1, device, args.profile)
 
 
 if __name__ == "__main__":
