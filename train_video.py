@@ -14,7 +14,10 @@ from text2live import edit_video
 from training.loop import resume_config
 from training.video import render, train
 from util.cli import run_cli
-from util.config import check_video_config, command_line
+from util.config import check_video_config, command_line, load_config
+
+# what an atlas folder's config.yaml says about its video; it wins over these keys' defaults
+ATLAS_KEYS = ("resx", "resy", "maximum_number_of_frames", "video_path")
 
 
 def main(argv=None):
@@ -28,8 +31,10 @@ def main(argv=None):
         return train(cfg, run_dir=run_dir, state=state)
     check_video_config(cfg)
     layer = "foreground" if cfg["finetune_foreground"] else "background"
+    defaults = load_config("video")
+    config = {k: v for k, v in cfg.items() if k not in ATLAS_KEYS or v != defaults[k]}
     result = edit_video(cfg["checkpoint_path"], cfg["comp_text"], layer=layer, steps=cfg["n_epochs"], seed=cfg["seed"],
-                        device=cfg["device"], config=cfg, out_dir=cfg["results_folder"])
+                        device=cfg["device"], config=config, out_dir=cfg["results_folder"])
     return result.run_dir
 
 
