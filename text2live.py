@@ -180,6 +180,27 @@ def edit_image(image, comp_text, screen_text=None, src_text=None, bootstrap_text
             tmp.cleanup()
 
 
+def atlas_settings(atlas) -> tuple[Path, dict]:
+    """An atlas (a train_nla.py output folder or its `checkpoint` file) -> (the checkpoint file,
+    what the folder's config.yaml says about its video: resx, resy, maximum_number_of_frames,
+    video_path; empty for a folder without one, e.g. the paper's atlases)."""
+    from util.image_io import resolve_data_path
+    checkpoint = Path(resolve_data_path(str(atlas)))  # data/... falls back to the shared data
+    folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
+    checkpoint = checkpoint / "checkpoint" if checkpoint.is_dir() else checkpoint
+    if not checkpoint.is_file():
+        raise InputError(f"checkpoint_path {atlas} does not exist; give a train_nla.py output folder or its "
+                         "checkpoint file (the paper's atlases: python -m util.download_data)")
+    settings = {}
+    saved = folder / "config.yaml"
+    if saved.is_file():
+        nla = yaml.safe_load(saved.read_text()) or {}
+        settings.update({k: nla[k] for k in ("resx", "resy", "maximum_number_of_frames") if k in nla})
+        if nla.get("video"):
+            settings["video_path"] = str(nla["video"])
+    return checkpoint, settings
+
+
 def edit_video(atlas, comp_text, screen_text=None, src_text=None, bootstrap_text=None, *, layer="background",
                video=None, steps=3000, seed=0, device=None, config=None, overrides=None, progress=None,
                out_dir=None) -> VideoEdit:
@@ -194,20 +215,7 @@ def edit_video(atlas, comp_text, screen_text=None, src_text=None, bootstrap_text
     from training.video import train
     if layer not in ("background", "foreground"):
         raise ConfigError(f"layer={layer!r}; use 'background' or 'foreground'")
-    from util.image_io import resolve_data_path
-    checkpoint = Path(resolve_data_path(str(atlas)))  # data/... falls back to the shared data
-    folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
-    checkpoint = checkpoint / "checkpoint" if checkpoint.is_dir() else checkpoint
-    if not checkpoint.is_file():
-        raise InputError(f"checkpoint_path {atlas} does not exist; give a train_nla.py output folder or its "
-                         "checkpoint file (the paper's atlases: python -m util.download_data)")
-    from_atlas = {}  # what the atlas folder says about its video (below config and arguments)
-    saved = folder / "config.yaml"
-    if saved.is_file():
-        nla = yaml.safe_load(saved.read_text()) or {}
-        from_atlas.update({k: nla[k] for k in ("resx", "resy", "maximum_number_of_frames") if k in nla})
-        if nla.get("video"):
-            from_atlas["video_path"] = str(nla["video"])
+    checkpoint, from_atlas = atlas_settings(atlas)  # from_atlas: below config and arguments
     values = {}
     keep = out_dir is not None
     tmp = None if keep else tempfile.TemporaryDirectory(prefix="text2live-")
