@@ -13,7 +13,7 @@ import evaluate
 import train_image
 import train_video
 from evaluation import metrics as m
-from evaluation.runs import IMAGE_METRICS, VIDEO_METRICS
+from evaluation.runs import IMAGE_METRICS
 
 IMAGE_KEYS = {"run", *IMAGE_METRICS}
 VIDEO_KEYS = IMAGE_KEYS | {"frame_consistency", "prompt_consistency", "warp_error", "input_warp_error"}
