@@ -25,8 +25,12 @@ def main(argv=None):
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
 
     kinds = {run_config(run)[0] for run in args.runs}  # every folder checked before CLIP loads
+    import torch
+
     from models.clip import load_clip
     from training.loop import pick_device
+    if args.device == "auto":  # measuring is quick on a CPU too: no warning
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = pick_device(args.device, "evaluation")
     clip = load_clip(args.clip, device).eval().requires_grad_(False)
     rows, self_evaluated = evaluate_runs(args.runs, clip, args.clip)
