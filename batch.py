@@ -3,6 +3,7 @@
     python batch.py jobs.yaml
     python batch.py jobs.yaml --out results/batch
     python batch.py jobs.yaml --ray auto        (pip install -r requirements-ray.txt)
+    python batch.py jobs.yaml n_epochs=300      (key=value: a config change for every job)
 """
 
 import argparse
@@ -11,6 +12,7 @@ from collections import Counter
 
 from evaluation.batch import run_batch
 from util.cli import run_cli
+from util.config import parse_overrides
 
 
 def main(argv=None):
@@ -18,10 +20,12 @@ def main(argv=None):
     parser.add_argument("jobs", help="a YAML file with a top-level 'jobs:' list")
     parser.add_argument("--out", default=None, metavar="DIR", help="where runs/, summary.csv and gallery.html go "
                         "(default: the jobs file's folder)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config changes for every job, on top "
+                        "of each job's own overrides")
     parser.add_argument("--ray", default=None, metavar="ADDRESS", help="run every job as a Ray task with one GPU: "
                         "auto (the running cluster), host:port, or local (a one-machine Ray started here)")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    rows, completed, out_dir = run_batch(args.jobs, args.out, args.ray)
+    args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
+    rows, completed, out_dir = run_batch(args.jobs, args.out, args.ray, common=parse_overrides(args.overrides))
     counts = Counter(row["status"] for row in rows)
     print(f"{', '.join(f'{n} {status}' for status, n in counts.items())}; wrote {out_dir / 'summary.csv'} and "
           f"{out_dir / 'gallery.html'}")

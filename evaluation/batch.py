@@ -62,9 +62,10 @@ def _config_kind(path: str) -> str:
     return "video" if keys & video_only else "image"
 
 
-def read_jobs(path) -> list:
+def read_jobs(path, common: dict | None = None) -> list:
     """The jobs of a jobs file, checked for shape; a one-line ConfigError names the problem and fix.
-    (A job's config keys are checked when it runs: a bad key fails that job only.)"""
+    (A job's config keys are checked when it runs: a bad key fails that job only.) `common`:
+    config changes for every job, on top of each job's overrides."""
     path = Path(path)
     where = f"jobs file {path}"
     if not path.is_file():
@@ -112,7 +113,7 @@ def read_jobs(path) -> list:
             unique = f"{base}-{n}"
         names.add(unique)
         jobs.append(Job(unique, kind, None if example is None else str(example),
-                        None if config is None else str(config), overrides))
+                        None if config is None else str(config), {**overrides, **(common or {})}))
     return jobs
 
 
@@ -387,12 +388,12 @@ def write_summary(rows: list, path: Path) -> None:
 
 
 def run_batch(jobs_file, out_dir=None, ray_address: str | None = None, devices: list | None = None,
-              ray_cpus: int | None = None):
+              ray_cpus: int | None = None, common: dict | None = None):
     """Run a jobs file; write summary.csv and gallery.html in out_dir (default: beside the jobs
-    file). Returns (rows in the jobs file's order, completed: False when Ctrl-C stopped it,
+    file). common: config changes for every job. Returns (rows in the jobs file's order, completed: False when Ctrl-C stopped it,
     the output folder)."""
     from evaluation.gallery import write_gallery
-    jobs = read_jobs(jobs_file)
+    jobs = read_jobs(jobs_file, common)
     out_dir = Path(out_dir if out_dir is not None else Path(jobs_file).parent).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, todo = triage(jobs, out_dir)

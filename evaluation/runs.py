@@ -182,7 +182,7 @@ def evaluate_runs(run_dirs, clip, clip_name: str, progress: bool = True):
     rows, self_evaluated = [], []
     for run_dir in tqdm(run_dirs, desc="evaluating", disable=not progress or len(run_dirs) < 2):
         run = read_run(run_dir)
-        rows.append({"run": str(run_dir), **evaluate_frames(run, clip, progress=progress)})
+        rows.append({"run": str(Path(run_dir)), **evaluate_frames(run, clip, progress=progress)})
         if same_clip(clip_name, str(run.config.get("clip_model_name", ""))):
             self_evaluated.append(str(run_dir))
     return rows, self_evaluated

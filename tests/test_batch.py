@@ -66,6 +66,16 @@ def test_jobs_get_their_kind_and_unique_names(tmp_path):
     assert [(j.name, j.kind) for j in jobs] == [("golden_horse", "image"), ("golden_horse-2", "image"),
                                                 ("car-turn_winter", "video"), ("my_edit", "image")]
     assert jobs[2].overrides == {"n_epochs": 5}
+    # key=value on batch.py's command line: on top of every job's own overrides
+    jobs = batch.read_jobs(tmp_path / "jobs.yaml", common={"n_epochs": 7})
+    assert [j.overrides for j in jobs] == [{"n_epochs": 7}] * 4
+
+
+def test_the_shipped_example_jobs_file_is_valid():
+    jobs = batch.read_jobs(batch.CONFIG_DIR / "batch_example.yaml")
+    assert [j.name for j in jobs] == ["chelsea_leopard", "coffee_golden_cup", "rocket_fire-600"]
+    for job in jobs:
+        batch.check_job(job)
 
 
 def test_batch_on_one_machine_fails_one_job_survives_ctrl_c_and_resumes(tmp_path, tiny_job, monkeypatch, capsys):
