@@ -174,7 +174,9 @@ def start_job(job: Job, out_dir: Path, device: str, env: dict | None = None, cwd
     with open(log_path, "a") as log:
         log.write(f"$ {' '.join(command)}\n")
         log.flush()
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=cwd,
+        # its own session: a Ctrl-C in the terminal reaches the batch only, which passes exactly one
+        # SIGINT on (a second one could cut the job's checkpoint short)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True,
                                    env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"})
     return Attempt(job, folder, process, offset, time.time())
 
@@ -288,6 +290,7 @@ def run_local(jobs: list, out_dir: Path, devices: list, rows: dict, poll: float 
     result. Returns False when Ctrl-C stopped the batch (running jobs checkpoint and stop)."""
     pending, running, free = list(jobs), [], list(devices)
     bar = tqdm(total=len(jobs), desc="jobs", unit="job", dynamic_ncols=True)
+    previous = signal.signal(signal.SIGTERM, _terminate) if _main_thread() else None
     try:
         while pending or running:
             while pending and free:
@@ -311,8 +314,21 @@ def run_local(jobs: list, out_dir: Path, devices: list, rows: dict, poll: float 
         for job in pending:
             rows[job.name] = result_row(job, "not run", error="the batch was stopped first")
         return False
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     bar.close()
     return True
+
+
+def _terminate(signum, frame):
+    """SIGTERM (a scheduler stopping the batch) stops it as Ctrl-C does: checkpoints first."""
+    raise KeyboardInterrupt
+
+
+def _main_thread() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
 
 
 def _ray_task(job: dict, out_dir: str, cwd: str) -> dict:
