@@ -347,7 +347,8 @@ def run_ray(jobs: list, out_dir: Path, address: str, rows: dict, num_cpus: int |
         import ray
     except ImportError:
         raise ConfigError(f"--ray needs the optional Ray package: {RAY_INSTALL}") from None
-    runtime_env = {"env_vars": {"PYTHONPATH": str(REPO_ROOT)}}
+    python_path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
+    runtime_env = {"env_vars": {"PYTHONPATH": python_path}}  # the tasks import this package
     if address == "local":
         ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, runtime_env=runtime_env,
                  log_to_driver=False)
@@ -411,7 +412,6 @@ def run_batch(jobs_file, out_dir=None, ray_address: str | None = None, devices: 
     from evaluation.gallery import write_gallery
     jobs = read_jobs(jobs_file, common)
     out_dir = Path(out_dir if out_dir is not None else Path(jobs_file).parent).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
     rows, todo = triage(jobs, out_dir)
     skipped = sum(r["status"] == "skipped" for r in rows.values())
     if skipped:
@@ -423,6 +423,7 @@ def run_batch(jobs_file, out_dir=None, ray_address: str | None = None, devices: 
         else:
             completed = run_local(todo, out_dir, devices or local_devices(), rows)
     ordered = [rows[job.name] for job in jobs]
+    out_dir.mkdir(parents=True, exist_ok=True)
     write_summary(ordered, out_dir / "summary.csv")
     write_gallery(ordered, out_dir)
     return ordered, completed, out_dir
