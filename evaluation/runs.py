@@ -143,7 +143,7 @@ def _evaluate(run: RunFrames, clip, progress: bool) -> dict:
         "l1": m.l1_distance(inputs, composites),
         "l2": m.l2_distance(inputs, composites),
         "psnr_outside_edit": _frame_mean(m.psnr_outside_edit, inputs, composites, alpha),
-        "ssim_outside_edit": m.ssim_outside_edit(inputs, composites, alpha),
+        "ssim_outside_edit": _frame_mean(m.ssim_outside_edit, inputs, composites, alpha),
         "structure_distance": m.structure_distance(clip, inputs, composites),
         "alpha_coverage": m.alpha_coverage(alpha),
     }
