@@ -223,7 +223,10 @@ def finish_job(attempt: Attempt, returncode: int) -> dict:
         return result_row(attempt.job, "done", run_dir, total)
     if returncode in INTERRUPTED_CODES:
         return result_row(attempt.job, "interrupted", run_dir, total, "stopped by Ctrl-C; rerun to continue")
-    error = _last_error(folder / "log.txt", attempt.log_offset)
+    if returncode < 0:  # killed: no message of its own (the out-of-memory killer sends SIGKILL)
+        error = f"killed by {signal.Signals(-returncode).name} (out of memory?); see {folder / 'log.txt'}"
+    else:
+        error = _last_error(folder / "log.txt", attempt.log_offset)
     return result_row(attempt.job, "failed", run_dir, total, error)
 
 

@@ -155,3 +155,18 @@ def test_three_jobs_through_ray_on_the_cpu(tmp_path, tiny_job):
     assert "missing.jpg does not exist" in summary["bad-image"]["error"]
     assert all(Path(summary[j]["run_dir"]).parent == out / "runs" / j for j in ("one", "two"))
     assert all(summary[j]["clip_t"] for j in ("one", "two"))
+
+
+def test_a_killed_job_says_so(tmp_path):
+    """A job killed from outside (the out-of-memory killer) leaves no message of its own."""
+    import subprocess
+    import sys
+    import time
+    folder = tmp_path / "runs" / "big"
+    folder.mkdir(parents=True)
+    (folder / "log.txt").write_text("step 1/1000\r")
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    process.kill()
+    attempt = batch.Attempt(batch.Job("big", "image", "golden_horse", None, {}), folder, process, 0, time.time())
+    row = batch.finish_job(attempt, process.wait())
+    assert row["status"] == "failed" and row["error"].startswith("killed by SIGKILL (out of memory?)")
