@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import train_image
 import train_video
 from evaluation import metrics as m
 from evaluation.runs import IMAGE_METRICS
+from util.cli import run_cli
 
 IMAGE_KEYS = {"run", *IMAGE_METRICS}
 VIDEO_KEYS = IMAGE_KEYS | {"frame_consistency", "prompt_consistency", "warp_error", "input_warp_error"}
@@ -125,12 +127,11 @@ def test_evaluate_refuses_what_is_not_a_finished_run(image_run, tiny_clip_file, 
     shutil.copytree(image_run, unfinished, ignore=shutil.ignore_patterns("final"))
     for folder, message in [(tmp_path, "is not a run folder"), (unfinished, "unfinished.*resume=")]:
         with pytest.raises(SystemExit) as e:
-            from util.cli import run_cli
             run_cli(evaluate.main, [str(image_run), str(folder), "--clip", str(tiny_clip_file), "--json", str(out)])
         assert e.value.code == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and err.startswith("error:")
-        assert __import__("re").search(message, err), err
+        assert re.search(message, err), err
     assert not out.exists()  # nothing half-written
 
 
