@@ -13,6 +13,7 @@ errors (util.errors) the command lines print.
 """
 
 import hashlib
+import json
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ class ImageEdit:
     input: Image.Image            # the input at the size it was edited (RGB)
     steps: int                    # training steps done (fewer than asked if progress stopped it)
     run_dir: Path | None = None   # the run folder, when out_dir was given
+    metrics: dict | None = None   # evaluate.py's metrics with the training CLIP (config write_metrics)
 
 
 @dataclass
@@ -47,6 +49,7 @@ class VideoEdit:
     steps: int
     run_dir: Path | None = None
     files: dict = field(default_factory=dict)  # name -> path of the written videos (when run_dir is kept)
+    metrics: dict | None = None   # evaluate.py's metrics with the training CLIP (config write_metrics)
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
@@ -120,10 +123,16 @@ def _open(path: Path, mode: str) -> Image.Image:
         return img.convert(mode)
 
 
+def _metrics(final: Path) -> dict | None:
+    """The run's metrics.json (written at the end of a run), or None."""
+    path = final.parent / "metrics.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def _image_result(final: Path, steps: int, run_dir) -> ImageEdit:
     return ImageEdit(composite=_open(final / "composite.png", "RGB"), edit_layer=_open(final / "edit_layer.png", "RGBA"),
                      alpha=_open(final / "alpha.png", "L"), edit_over_green=_open(final / "edit_over_green.png", "RGB"),
-                     input=_open(final / "input.png", "RGB"), steps=steps, run_dir=run_dir)
+                     input=_open(final / "input.png", "RGB"), steps=steps, run_dir=run_dir, metrics=_metrics(final))
 
 
 def _video_result(final: Path, steps: int, run_dir) -> VideoEdit:
@@ -138,7 +147,7 @@ def _video_result(final: Path, steps: int, run_dir) -> VideoEdit:
     atlas = final / "atlas_edited.png"
     files = {p.name: p for p in final.iterdir() if p.suffix in (".mp4", ".webm", ".mov")} if run_dir else {}
     return VideoEdit(frames=frames, edit_layers=layers, atlas_edit=_open(atlas, "RGB") if atlas.is_file() else None,
-                     steps=steps, run_dir=run_dir, files=files)
+                     steps=steps, run_dir=run_dir, files=files, metrics=_metrics(final))
 
 
 # ---- the API -------------------------------------------------------------------------------------------
