@@ -277,7 +277,8 @@ def check_resume(run_dir, script: str) -> dict:
 def resume_config(kind: str, run_dir, argv, script: str):
     """For `resume=<run folder>`: (the run's saved config with this command line's key=value
     changes, its checkpoint state). Refuses, before anything loads, a folder that is not a run
-    of this kind, an unreadable checkpoint and a run that already finished n_epochs."""
+    of this kind, an unreadable checkpoint and a run that already finished n_epochs and wrote
+    its outputs."""
     from util.config import load_config, parse_overrides
     run_dir = Path(run_dir)
     state = check_resume(run_dir, script)
@@ -288,7 +289,7 @@ def resume_config(kind: str, run_dir, argv, script: str):
     given.pop("resume", None)
     cfg = load_config(kind, config=run_dir / "config.yaml", overrides=given)
     cfg["_name"] = run_dir.name
-    if state["step"] >= cfg["n_epochs"]:
+    if state["step"] >= cfg["n_epochs"] and (run_dir / "final").is_dir():
         raise ConfigError(f"{run_dir} already finished {state['step']} steps; "
                           f"raise n_epochs above {state['step']} to train further")
-    return cfg, state
+    return cfg, state  # trained but without final/ (stopped while writing it): resuming writes it
