@@ -13,6 +13,7 @@ errors (util.errors) the command lines print.
 """
 
 import hashlib
+import json
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ class ImageEdit:
     input: Image.Image            # the input at the size it was edited (RGB)
     steps: int                    # training steps done (fewer than asked if progress stopped it)
     run_dir: Path | None = None   # the run folder, when out_dir was given
+    metrics: dict | None = None   # evaluate.py's metrics with the training CLIP (config write_metrics)
 
 
 @dataclass
@@ -47,6 +49,7 @@ class VideoEdit:
     steps: int
     run_dir: Path | None = None
     files: dict = field(default_factory=dict)  # name -> path of the written videos (when run_dir is kept)
+    metrics: dict | None = None   # evaluate.py's metrics with the training CLIP (config write_metrics)
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
@@ -120,10 +123,16 @@ def _open(path: Path, mode: str) -> Image.Image:
         return img.convert(mode)
 
 
+def _metrics(final: Path) -> dict | None:
+    """The run's metrics.json (written at the end of a run), or None."""
+    path = final.parent / "metrics.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def _image_result(final: Path, steps: int, run_dir) -> ImageEdit:
     return ImageEdit(composite=_open(final / "composite.png", "RGB"), edit_layer=_open(final / "edit_layer.png", "RGBA"),
                      alpha=_open(final / "alpha.png", "L"), edit_over_green=_open(final / "edit_over_green.png", "RGB"),
-                     input=_open(final / "input.png", "RGB"), steps=steps, run_dir=run_dir)
+                     input=_open(final / "input.png", "RGB"), steps=steps, run_dir=run_dir, metrics=_metrics(final))
 
 
 def _video_result(final: Path, steps: int, run_dir) -> VideoEdit:
@@ -138,7 +147,7 @@ def _video_result(final: Path, steps: int, run_dir) -> VideoEdit:
     atlas = final / "atlas_edited.png"
     files = {p.name: p for p in final.iterdir() if p.suffix in (".mp4", ".webm", ".mov")} if run_dir else {}
     return VideoEdit(frames=frames, edit_layers=layers, atlas_edit=_open(atlas, "RGB") if atlas.is_file() else None,
-                     steps=steps, run_dir=run_dir, files=files)
+                     steps=steps, run_dir=run_dir, files=files, metrics=_metrics(final))
 
 
 # ---- the API -------------------------------------------------------------------------------------------
@@ -180,6 +189,27 @@ def edit_image(image, comp_text, screen_text=None, src_text=None, bootstrap_text
             tmp.cleanup()
 
 
+def atlas_settings(atlas) -> tuple[Path, dict]:
+    """An atlas (a train_nla.py output folder or its `checkpoint` file) -> (the checkpoint file,
+    what the folder's config.yaml says about its video: resx, resy, maximum_number_of_frames,
+    video_path; empty for a folder without one, e.g. the paper's atlases)."""
+    from util.image_io import resolve_data_path
+    checkpoint = Path(resolve_data_path(str(atlas)))  # data/... falls back to the shared data
+    folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
+    checkpoint = checkpoint / "checkpoint" if checkpoint.is_dir() else checkpoint
+    if not checkpoint.is_file():
+        raise InputError(f"checkpoint_path {atlas} does not exist; give a train_nla.py output folder or its "
+                         "checkpoint file (the paper's atlases: python -m util.download_data)")
+    settings = {}
+    saved = folder / "config.yaml"
+    if saved.is_file():
+        nla = yaml.safe_load(saved.read_text()) or {}
+        settings.update({k: nla[k] for k in ("resx", "resy", "maximum_number_of_frames") if k in nla})
+        if nla.get("video"):
+            settings["video_path"] = str(nla["video"])
+    return checkpoint, settings
+
+
 def edit_video(atlas, comp_text, screen_text=None, src_text=None, bootstrap_text=None, *, layer="background",
                video=None, steps=3000, seed=0, device=None, config=None, overrides=None, progress=None,
                out_dir=None) -> VideoEdit:
@@ -194,20 +224,7 @@ def edit_video(atlas, comp_text, screen_text=None, src_text=None, bootstrap_text
     from training.video import train
     if layer not in ("background", "foreground"):
         raise ConfigError(f"layer={layer!r}; use 'background' or 'foreground'")
-    from util.image_io import resolve_data_path
-    checkpoint = Path(resolve_data_path(str(atlas)))  # data/... falls back to the shared data
-    folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
-    checkpoint = checkpoint / "checkpoint" if checkpoint.is_dir() else checkpoint
-    if not checkpoint.is_file():
-        raise InputError(f"checkpoint_path {atlas} does not exist; give a train_nla.py output folder or its "
-                         "checkpoint file (the paper's atlases: python -m util.download_data)")
-    from_atlas = {}  # what the atlas folder says about its video (below config and arguments)
-    saved = folder / "config.yaml"
-    if saved.is_file():
-        nla = yaml.safe_load(saved.read_text()) or {}
-        from_atlas.update({k: nla[k] for k in ("resx", "resy", "maximum_number_of_frames") if k in nla})
-        if nla.get("video"):
-            from_atlas["video_path"] = str(nla["video"])
+    checkpoint, from_atlas = atlas_settings(atlas)  # from_atlas: below config and arguments
     values = {}
     keep = out_dir is not None
     tmp = None if keep else tempfile.TemporaryDirectory(prefix="text2live-")

@@ -10,7 +10,7 @@
 import sys
 from pathlib import Path
 
-from text2live import edit_video
+from text2live import atlas_settings, edit_video
 from training.loop import resume_config
 from training.video import render, train
 from util.cli import run_cli
@@ -28,8 +28,13 @@ def main(argv=None):
         return train(cfg, run_dir=run_dir, state=state)
     check_video_config(cfg)
     layer = "foreground" if cfg["finetune_foreground"] else "background"
+    # what the atlas folder's config.yaml says about its video wins unless typed as key=value
+    # (an example config's frame count belongs to the example's own video)
+    typed = {arg.partition("=")[0] for arg in argv if "=" in arg and not arg.startswith("-")}
+    _, from_atlas = atlas_settings(cfg["checkpoint_path"])
+    config = {k: v for k, v in cfg.items() if k not in from_atlas or k in typed}
     result = edit_video(cfg["checkpoint_path"], cfg["comp_text"], layer=layer, steps=cfg["n_epochs"], seed=cfg["seed"],
-                        device=cfg["device"], config=cfg, out_dir=cfg["results_folder"])
+                        device=cfg["device"], config=config, out_dir=cfg["results_folder"])
     return result.run_dir
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
+import yaml  # noqa: E402
 
 from datasets.flow import video_flows  # noqa: E402
 from datasets.video_data import VideoData, sample_pixels  # noqa: E402
@@ -25,12 +26,22 @@ from training.image import pick_device  # noqa: E402
 from training.nla import build_model, prepare_training  # noqa: E402
 from training.nla_eval import checkerboard_video, flow_warp_error, psnr, reconstruct, save_previews, strict_json  # noqa: E402
 from util.cli import run_cli  # noqa: E402
-from util.config import load_config  # noqa: E402
+from util.config import load_config, public  # noqa: E402
+from util.files import save_atomic  # noqa: E402
 
 
 def synchronize(device):
     if device.type == "cuda":  # GPU work is queued: wait for it before reading a clock
         torch.cuda.synchronize(device)
+
+
+def save_atlas(folder: Path, nla, data, cfg: dict, steps: int, video, masks):
+    """The atlas in train_nla.py's output format (no optimizer state: it cannot be resumed)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_atomic({**nla.checkpoint(), "iteration": steps, "resx": data.W, "resy": data.H, "number_of_frames": data.T},
+                folder / "checkpoint")
+    (folder / "config.yaml").write_text(yaml.safe_dump({**public(cfg), "video": str(video), "masks": masks},
+                                                       sort_keys=False))
 
 
 def main(argv=None):
@@ -46,6 +57,8 @@ def main(argv=None):
                              "is not counted)")
     parser.add_argument("--work", default=None, help="folder for the flow cache (default: a temporary one)")
     parser.add_argument("--previews", default=None, help="also save the final previews (train_nla.py's) here")
+    parser.add_argument("--save", default=None,
+                        help="also save the atlas here as train_nla.py does (checkpoint + config.yaml), for train_video.py")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     cfg = load_config("nla", config=args.config, overrides=[f"resx={args.resx}", f"resy={args.resy}", *args.overrides])
@@ -101,6 +114,8 @@ def main(argv=None):
                 result[name] = round(psnr(recon[where], frames[where]), 2)
         if args.previews:
             save_previews(nla, data, Path(args.previews), cfg, recon)
+        if args.save:
+            save_atlas(Path(args.save), nla, data, cfg, steps, args.video, args.masks)
     print(strict_json(result))
 
 

@@ -48,6 +48,8 @@ def test_edit_image_from_an_array_with_early_stop_and_independent_calls(small_se
     again = text2live.edit_image(Image.fromarray(photo), "golden cat", screen_text="golden cat", src_text="cat",
                                  steps=4, seed=1, device="cpu", overrides=small_settings)
     assert again.run_dir is None and again.steps == 4
+    # metrics.json is read back before the temporary run folder goes (config write_metrics)
+    assert again.metrics["self_evaluation"] is True and again.metrics["l1"] == result.metrics["l1"] > 0
     assert np.array_equal(np.asarray(again.composite), np.asarray(result.composite))
 
     rendered = text2live.render(result.run_dir, device="cpu")

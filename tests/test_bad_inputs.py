@@ -13,6 +13,7 @@ The matrix, at a glance (exit 0 = trains / renders; exit 1 = a write failed; exi
 | 2.2 MP image at native size (resize_input=0)      | 2    | max_megapixels                    |
 | resume= with a corrupt checkpoints/last.pt        | 2    | last.pt is unreadable             |
 | resume= of a finished run (CLIP never loaded)     | 2    | already finished                  |
+| resume= of a run stopped while writing final/     | 0    | writes final/, trains no step     |
 | resume= of a folder that is not a run             | 2    | not a run folder                  |
 | train_video.py n_epochs=0                         | 2    | n_epochs ... at least 1           |
 | train_video.py resume= with a corrupt checkpoint  | 2    | last.pt is unreadable             |
@@ -26,6 +27,7 @@ inputs in test_video_frames.py / test_nla_training.py.
 
 import errno
 import hashlib
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -201,3 +203,19 @@ def test_disk_full_while_writing_images_keeps_the_previous_ones(tiny_overrides, 
     run_dir = next(results_of(tiny_overrides).iterdir())
     assert sorted(p.name for p in (run_dir / "intermediate").iterdir()) == ["step_00002"]
     assert len(list((run_dir / "intermediate" / "step_00002").glob("*.png"))) == 4
+
+
+def test_resume_of_a_run_stopped_while_writing_its_outputs_writes_them(finished_run, capsys):
+    """Trained to n_epochs but no final/ (Ctrl-C or a crash while it was written): resume= writes
+    the outputs without training further, instead of refusing the run as finished."""
+    final = finished_run / "final"
+    expected = {p.name: np.asarray(Image.open(p)) for p in final.glob("*.png")}
+    losses = (finished_run / "losses.csv").read_text()
+    shutil.rmtree(final)
+    (finished_run / "model.pt").unlink()
+    code, err = cli(train_image.main, [f"resume={finished_run}"], capsys)
+    assert code == 0, err
+    assert {p.name for p in final.glob("*.png")} == set(expected)
+    for name, pixels in expected.items():  # the same generator: the same outputs
+        assert np.array_equal(np.asarray(Image.open(final / name)), pixels), name
+    assert (finished_run / "losses.csv").read_text() == losses  # no step trained again

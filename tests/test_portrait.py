@@ -130,13 +130,16 @@ def test_portrait_atlas_reconstructs_as_well_as_the_clip_turned_to_landscape(atl
     assert (fg[:, 0] > 0).all() and (bg[:, 0] < 0).all()
 
 
-@pytest.mark.parametrize("layer, example", [("background", "car-turn_winter"), ("foreground", "blackswan_gold")])
-def test_portrait_layers_are_edited_into_portrait_videos(atlases, layer, example, tiny_clip_file, tmp_path):
+@pytest.mark.parametrize("layer, example, video_keys", [("background", "car-turn_winter", "given"),
+                                                        ("foreground", "blackswan_gold", "from the atlas folder")])
+def test_portrait_layers_are_edited_into_portrait_videos(atlases, layer, example, video_keys, tiny_clip_file, tmp_path):
+    """Frame size, frame count and video come from the command line, or else (the second case)
+    from the atlas folder's config.yaml, which train_nla.py wrote."""
     out, _ = atlases["portrait"]
+    video = [f"video_path={out.parent / 'frames'}", f"resx={W}", f"resy={H}", f"maximum_number_of_frames={T}"]
     run_dir = Path(train_video.main([
-        "--example_config", example, f"checkpoint_path={out / 'checkpoint'}", f"video_path={out.parent / 'frames'}",
-        f"clip_model_name={tiny_clip_file}", f"results_folder={tmp_path}", "device=cpu", f"resx={W}", f"resy={H}",
-        f"maximum_number_of_frames={T}", "grid_atlas_resolution=300", "mask_alpha_threshold=0.5",
+        "--example_config", example, f"checkpoint_path={out / 'checkpoint'}", *(video if video_keys == "given" else []),
+        f"clip_model_name={tiny_clip_file}", f"results_folder={tmp_path}", "device=cpu", "grid_atlas_resolution=300", "mask_alpha_threshold=0.5",
         "masks_border_expansion=4", "num_scales=3", "skip_n33d=8", "skip_n33u=8", "n_aug=2", "n_epochs=2",
         "log_images_freq=2", "save_model_starting_epoch=2", "entire_atlas_every=2", "seed=1", "fps=5",
         "edit_layer_formats=[png]"]))

@@ -9,6 +9,7 @@ folder, so bad input never leaves a folder behind. A run folder holds:
     intermediate/step_N/   composite, edit layer (RGBA), alpha, edit over green
     final/                 the same four (+ input.png); appears only when training finished
     model.pt               the trained generator, for render=<model.pt>
+    metrics.json           evaluate.py's metrics, measured with the training CLIP (write_metrics)
     loss_curve.png
 """
 
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 
 from datasets.image_dataset import ImageDataset
+from evaluation.runs import write_metrics_at_end
 from losses.clip_loss import Text2LiveLoss
 from models.clip import load_clip
 from models.generator import Generator, generator_config, generator_from_checkpoint, split_edit_layer
@@ -145,7 +147,9 @@ def train(cfg: dict, run_dir: Path | None = None, state: dict | None = None, pro
                  "config": public(cfg), "step": done}, run_dir / "model.pt")
     final = render_edit(generator, image)
     final["input"] = image
-    save_edit(final, run_dir / "final")  # last: a run with final/ is complete
+    save_edit(final, run_dir / "final")  # a run with final/ is complete
+    if cfg["write_metrics"]:
+        write_metrics_at_end(run_dir, clip, cfg["clip_model_name"])
     print(f"done: {run_dir / 'final'}")
     return run_dir
 

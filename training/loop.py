@@ -23,6 +23,7 @@ from tqdm import tqdm
 from util.config import public
 from util.errors import ConfigError, SaveError
 from util.files import save_atomic, save_failed, write_text_atomic
+from util.precision import gpu_fast_path
 
 LOSS_COLUMNS = ["step", "total", "comp_text", "comp_dir", "screen", "structure", "sparsity",
                 "bootstrap", "lambda_bootstrap", "lr"]
@@ -59,9 +60,9 @@ def seed_run(seed: int):
 
 def make_optimizer(params, cfg: dict):
     name, lr, m, wd = cfg["optimizer"], cfg["lr"], cfg["momentum"], cfg["weight_decay"]
-    if name == "madgrad":
-        import madgrad
-        return madgrad.MADGRAD(params, lr=lr, momentum=m, weight_decay=wd)
+    if name == "madgrad":  # the package's arithmetic and state, in multi-tensor operations
+        from training.optim import FastMADGRAD
+        return FastMADGRAD(params, lr=lr, momentum=m, weight_decay=wd)
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, betas=(m, 0.999), weight_decay=wd)
     if name == "radam":
@@ -211,42 +212,44 @@ def fit(cfg: dict, run_dir: Path, model, optimizer, step_fn, snapshot_fn, rng, t
     def save_checkpoint(step):
         save_atomic(checkpoint_state(step, model, optimizer, lr, rng, torch_gen, cfg, extra_state), last)
 
-    try:
-        for step in bar:
-            # randomness a step consumes is rolled back if it is interrupted before its update
-            snapshot = (rng.getstate(), torch_gen.get_state(), torch.get_rng_state())
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            total, terms = step_fn(step, rng, torch_gen)
-            done, snapshot = step + 1, None
-            row = {"step": done, "total": total, "lr": lr, **terms}
-            if cfg["scheduler_policy"] == "exponential":
-                lr = max(cfg["min_lr"], cfg["gamma"] * lr)
-            log.write(row)
-            if wandb_run is not None:
-                wandb_run.log(row, step=done)
-            bar.set_postfix(loss=f"{total:.4f}", lr=f"{lr:.2e}")
-            if done % cfg["log_images_freq"] == 0 and done < n_steps:
-                preview = snapshot_fn(run_dir / "intermediate" / f"step_{done:05d}", done)
-                save_checkpoint(done)
-                if progress is not None and progress(done, n_steps, preview) is False:
-                    print(f"stopped after step {done} of {n_steps}", file=sys.stderr)
-                    break
-    except KeyboardInterrupt:
-        bar.close()
-        log.close()
-        if snapshot is not None:
-            rng.setstate(snapshot[0])
-            torch_gen.set_state(snapshot[1])
-            torch.set_rng_state(snapshot[2])
-        save_checkpoint(done)
-        print(f"\ninterrupted after step {done}; continue with: python {script} resume={run_dir}",
-              file=sys.stderr)
-        raise
-    except SaveError as e:
-        bar.close()
-        log.close()
-        raise SaveError(f"{e}; continue later with: python {script} resume={run_dir}") from None
+    device = next(model.parameters()).device
+    with gpu_fast_path(cfg.get("fast_path", True), device):  # on CUDA: convolutions without cuDNN
+        try:
+            for step in bar:
+                # randomness a step consumes is rolled back if it is interrupted before its update
+                snapshot = (rng.getstate(), torch_gen.get_state(), torch.get_rng_state())
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                total, terms = step_fn(step, rng, torch_gen)
+                done, snapshot = step + 1, None
+                row = {"step": done, "total": total, "lr": lr, **terms}
+                if cfg["scheduler_policy"] == "exponential":
+                    lr = max(cfg["min_lr"], cfg["gamma"] * lr)
+                log.write(row)
+                if wandb_run is not None:
+                    wandb_run.log(row, step=done)
+                bar.set_postfix(loss=f"{total:.4f}", lr=f"{lr:.2e}")
+                if done % cfg["log_images_freq"] == 0 and done < n_steps:
+                    preview = snapshot_fn(run_dir / "intermediate" / f"step_{done:05d}", done)
+                    save_checkpoint(done)
+                    if progress is not None and progress(done, n_steps, preview) is False:
+                        print(f"stopped after step {done} of {n_steps}", file=sys.stderr)
+                        break
+        except KeyboardInterrupt:
+            bar.close()
+            log.close()
+            if snapshot is not None:
+                rng.setstate(snapshot[0])
+                torch_gen.set_state(snapshot[1])
+                torch.set_rng_state(snapshot[2])
+            save_checkpoint(done)
+            print(f"\ninterrupted after step {done}; continue with: python {script} resume={run_dir}",
+                  file=sys.stderr)
+            raise
+        except SaveError as e:
+            bar.close()
+            log.close()
+            raise SaveError(f"{e}; continue later with: python {script} resume={run_dir}") from None
     bar.close()
     log.close()
     save_checkpoint(done)
@@ -274,7 +277,8 @@ def check_resume(run_dir, script: str) -> dict:
 def resume_config(kind: str, run_dir, argv, script: str):
     """For `resume=<run folder>`: (the run's saved config with this command line's key=value
     changes, its checkpoint state). Refuses, before anything loads, a folder that is not a run
-    of this kind, an unreadable checkpoint and a run that already finished n_epochs."""
+    of this kind, an unreadable checkpoint and a run that already finished n_epochs and wrote
+    its outputs."""
     from util.config import load_config, parse_overrides
     run_dir = Path(run_dir)
     state = check_resume(run_dir, script)
@@ -285,7 +289,7 @@ def resume_config(kind: str, run_dir, argv, script: str):
     given.pop("resume", None)
     cfg = load_config(kind, config=run_dir / "config.yaml", overrides=given)
     cfg["_name"] = run_dir.name
-    if state["step"] >= cfg["n_epochs"]:
+    if state["step"] >= cfg["n_epochs"] and (run_dir / "final").is_dir():
         raise ConfigError(f"{run_dir} already finished {state['step']} steps; "
                           f"raise n_epochs above {state['step']} to train further")
-    return cfg, state
+    return cfg, state  # trained but without final/ (stopped while writing it): resuming writes it

@@ -10,7 +10,8 @@ and the edit is sampled to every frame, so the result is temporally consistent.
 A run folder holds config.yaml, losses.csv, loss_curve.png, intermediate/step_N/,
 checkpoints/generator_step_N.pt (from save_model_starting_epoch), model.pt and final/:
 edited.mp4 + frames/, edit_layer_green.mp4 + edit_layer_rgba/, atlas_original.png,
-atlas_edited.png, atlas_edit_layer.png, side_by_side.mp4 (input | edit over green | output).
+atlas_edited.png, atlas_edit_layer.png, side_by_side.mp4 (input | edit over green | output);
+metrics.json (evaluate.py's metrics with the training CLIP; config write_metrics).
 """
 
 import random
@@ -21,6 +22,7 @@ from tqdm import tqdm
 
 from datasets.atlas import sample_atlas
 from datasets.video_atlas import VideoAtlas
+from evaluation.runs import write_metrics_at_end
 from losses.clip_loss import Text2LiveLoss
 from models.clip import load_clip
 from models.generator import split_edit_layer
@@ -196,6 +198,8 @@ def train(cfg: dict, run_dir: Path | None = None, state: dict | None = None, pro
     atlas_edit, layers = edit_video(generator, video, cfg["multiply_foreground_alpha"])
     save_video_outputs(run_dir / "final", video.frames, [layers], cfg["fps"], atlas_images(video, atlas_edit),
                        cfg["edit_layer_formats"])
+    if cfg["write_metrics"]:
+        write_metrics_at_end(run_dir, clip, cfg["clip_model_name"])
     print(f"done: {run_dir / 'final'}")
     return run_dir
 

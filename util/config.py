@@ -47,6 +47,7 @@ VIDEO_INPUT_RULES = {
 EDIT_RULES = {
     "resume": dict(type="str", nullable=True),
     "results_folder": dict(type="str"),
+    "write_metrics": dict(type="bool"),
     "wandb_entity": dict(type="str", nullable=True),
     "n_epochs": dict(type="int", min=1),
     "log_images_freq": dict(type="int", min=1),

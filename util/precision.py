@@ -36,3 +36,22 @@ def autocast(device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+@contextlib.contextmanager
+def gpu_fast_path(enabled: bool, device):
+    """On a CUDA GPU with `enabled`: convolutions run without cuDNN (restored on exit).
+
+    Training crops change size every step, and cuDNN plans each new convolution shape on the
+    host (~1.3 ms per convolution, forward and backward): most of a step's time, with the GPU
+    idle. Measured at 512 px (golden_horse, float32, H200, torch 2.11): 0.198 -> 0.125 s per
+    step, peak memory 4.8 -> 6.1 GB. Elsewhere, or with enabled False, nothing changes."""
+    if not enabled or torch.device(device).type != "cuda":
+        yield
+        return
+    before = torch.backends.cudnn.enabled
+    torch.backends.cudnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.enabled = before

@@ -1,0 +1,229 @@
+"""Reading finished run folders and measuring them: the metrics of evaluate.py and metrics.json.
+
+An image run folder (train_image.py) gives final/input.png, composite.png and alpha.png; a
+video run folder (train_video.py) gives final/frames/ (the edited frames) and the edit layer
+(final/edit_layer_rgba/ or edit_layer.webm / .mov), and its config names the input video,
+read again at the size the run used.
+"""
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image
+from tqdm import tqdm
+
+from evaluation import metrics as m
+from util.config import as_list
+from util.errors import InputError
+from util.files import write_text_atomic
+
+IMAGE_METRICS = ["clip_t", "clip_i", "clip_directional", "l1", "l2", "psnr_outside_edit", "ssim_outside_edit",
+                 "structure_distance", "alpha_coverage"]
+VIDEO_METRICS = IMAGE_METRICS + ["frame_consistency", "prompt_consistency", "warp_error", "input_warp_error"]
+DINO_NOTE = ("DINO similarity: absent (no installed library provides DINO's model code with loadable weights; "
+             "see the README)")
+
+
+@dataclass
+class RunFrames:
+    """What a finished run shows: input, composite and alpha, [T, C, H, W] in [0, 1] (T = 1 for an image)."""
+    run_dir: Path
+    kind: str                # "image" or "video"
+    config: dict             # the run's config.yaml
+    input: torch.Tensor      # [T, 3, H, W]
+    composite: torch.Tensor  # [T, 3, H, W]
+    alpha: torch.Tensor      # [T, 1, H, W]
+
+
+def _pixels(path: Path, mode: str) -> torch.Tensor:
+    """A PNG as [1, C, H, W] float in [0, 1]."""
+    with Image.open(path) as img:
+        array = np.asarray(img.convert(mode), dtype=np.float32) / 255
+    if array.ndim == 2:
+        array = array[..., None]
+    return torch.from_numpy(array).permute(2, 0, 1)[None].contiguous()
+
+
+def run_config(run_dir) -> tuple[str, dict]:
+    """(kind, config) of a finished run folder; a one-line InputError naming the fix otherwise."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise InputError(f"{run_dir} does not exist; give a run folder (results/<name>-<date>)")
+    if not (run_dir / "config.yaml").is_file():
+        raise InputError(f"{run_dir} is not a run folder (no config.yaml); give a folder that train_image.py or "
+                         "train_video.py wrote, e.g. results/golden_horse-20260101-120000")
+    try:
+        config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    except yaml.YAMLError:
+        raise InputError(f"{run_dir / 'config.yaml'} is not valid YAML; the run folder is damaged") from None
+    kind = "video" if "finetune_background" in config else "image"
+    script = f"train_{kind}.py"
+    if not (run_dir / "final").is_dir() or not (run_dir / "model.pt").is_file():
+        raise InputError(f"{run_dir} is unfinished (no final/ results); finish it with: python {script} "
+                         f"resume={run_dir}")
+    return kind, config
+
+
+def _read_image_run(run_dir: Path, config: dict) -> RunFrames:
+    final = run_dir / "final"
+    for name in ("input.png", "composite.png", "alpha.png"):
+        if not (final / name).is_file():
+            raise InputError(f"{final / name} is missing; the run folder is incomplete: rerun the edit")
+    return RunFrames(run_dir, "image", config, _pixels(final / "input.png", "RGB"),
+                     _pixels(final / "composite.png", "RGB"), _pixels(final / "alpha.png", "L"))
+
+
+def _read_video_run(run_dir: Path, config: dict) -> RunFrames:
+    from datasets.video_atlas import default_video_path
+    from util.video_io import list_frame_files, read_frames
+    final = run_dir / "final"
+    frame_files = list_frame_files(final / "frames") if (final / "frames").is_dir() else []
+    if not frame_files:
+        raise InputError(f"{final / 'frames'} holds no edited frames; the run folder is incomplete: rerun the edit")
+    composite = torch.cat([_pixels(p, "RGB") for p in frame_files])  # [T, 3, H, W]
+    if (final / "edit_layer_rgba").is_dir():
+        alpha = torch.cat([_pixels(p, "RGBA")[:, 3:] for p in list_frame_files(final / "edit_layer_rgba")])
+    else:
+        video = next((p for p in (final / "edit_layer.mov", final / "edit_layer.webm") if p.is_file()), None)
+        if video is None:
+            raise InputError(f"{final} holds no edit layer (edit_layer_rgba/, .mov or .webm); rerun the edit")
+        from util.alpha_video import read_alpha_video
+        layers = read_alpha_video(video)  # [T, H, W, 4] uint8
+        alpha = torch.from_numpy(layers[..., 3:].astype(np.float32) / 255).permute(0, 3, 1, 2)
+    video_path = default_video_path(config)
+    try:
+        frames = read_frames(video_path, config["resx"], config["resy"], config["maximum_number_of_frames"])
+    except (InputError, FileNotFoundError) as e:
+        raise InputError(f"the input video of {run_dir} ({video_path}) cannot be read ({e}); "
+                         "put it back where the run's config.yaml says") from None
+    if frames.shape != composite.shape or alpha.shape[0] != composite.shape[0]:
+        raise InputError(f"{run_dir}: the input video {video_path} ({tuple(frames.shape)}) does not match the edited "
+                         f"frames ({tuple(composite.shape)}); was the video replaced after the run?")
+    return RunFrames(run_dir, "video", config, frames.float().cpu(), composite, alpha)
+
+
+def read_run(run_dir) -> RunFrames:
+    """The input, composite and alpha of a finished image or video run folder."""
+    run_dir = Path(run_dir)
+    kind, config = run_config(run_dir)
+    return _read_image_run(run_dir, config) if kind == "image" else _read_video_run(run_dir, config)
+
+
+def evaluate_frames(run: RunFrames, clip, progress: bool = False) -> dict:
+    """Every metric of a run ({name: float or None}), named as in IMAGE_METRICS / VIDEO_METRICS.
+    A video's per-frame metrics are means over its frames."""
+    visual = clip.visual
+    official, visual.official_pos_embed = getattr(visual, "official_pos_embed", False), False
+    try:
+        return _evaluate(run, clip, progress)
+    finally:
+        visual.official_pos_embed = official
+
+
+def _evaluate(run: RunFrames, clip, progress: bool) -> dict:
+    cfg = run.config
+    comp_texts, src_texts = as_list(cfg.get("comp_text")), as_list(cfg.get("src_text"))
+    inputs, composites, alpha = run.input, run.composite, run.alpha
+    out_emb = m.clip_image_embeddings(clip, composites)  # [T, E]
+    in_emb = m.clip_image_embeddings(clip, inputs)
+    text_emb = m.clip_text_embeddings(clip, comp_texts) if comp_texts else None  # [N, E]
+    directional = None
+    if comp_texts and src_texts:
+        n = min(len(comp_texts), len(src_texts))  # pairs by position, as the directional loss does
+        directional = m.clip_directional(out_emb, in_emb, text_emb[:n], m.clip_text_embeddings(clip, src_texts[:n]))
+    result = {
+        "clip_t": m.clip_t(out_emb, text_emb) if text_emb is not None else None,
+        "clip_i": m.clip_i(out_emb, in_emb),
+        "clip_directional": directional,
+        "l1": m.l1_distance(inputs, composites),
+        "l2": m.l2_distance(inputs, composites),
+        "psnr_outside_edit": _frame_mean(m.psnr_outside_edit, inputs, composites, alpha),
+        "ssim_outside_edit": _frame_mean(m.ssim_outside_edit, inputs, composites, alpha),
+        "structure_distance": m.structure_distance(clip, inputs, composites),
+        "alpha_coverage": m.alpha_coverage(alpha),
+    }
+    if run.kind == "video":
+        from datasets.flow import video_flows
+        flows = video_flows(inputs, progress=progress)
+        result.update({
+            "frame_consistency": m.frame_consistency(out_emb),
+            "prompt_consistency": m.prompt_consistency(out_emb, text_emb) if text_emb is not None else None,
+            "warp_error": m.warp_error(composites, flows["forward"], flows["forward_ok"]),
+            "input_warp_error": m.warp_error(inputs, flows["forward"], flows["forward_ok"]),
+        })
+    return result
+
+
+def _frame_mean(metric, inputs, composites, alpha):
+    """A per-frame metric averaged over the frames where it is defined (None if none)."""
+    values = [metric(inputs[t:t + 1], composites[t:t + 1], alpha[t:t + 1]) for t in range(inputs.shape[0])]
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def same_clip(name_a: str, name_b: str) -> bool:
+    """Whether two clip_model_name values name the same checkpoint (a released name or a file)."""
+    if name_a == name_b:
+        return True
+    a, b = Path(name_a).expanduser(), Path(name_b).expanduser()
+    return a.is_file() and b.is_file() and a.resolve() == b.resolve()
+
+
+def evaluate_runs(run_dirs, clip, clip_name: str, progress: bool = True):
+    """Measure run folders with one CLIP: a list of {"run": folder, metric: value}, and the runs
+    trained with that CLIP (self-evaluation). Every folder is checked before any is measured."""
+    for run_dir in run_dirs:
+        run_config(run_dir)
+    rows, self_evaluated = [], []
+    for run_dir in tqdm(run_dirs, desc="evaluating", disable=not progress or len(run_dirs) < 2):
+        run = read_run(run_dir)
+        rows.append({"run": str(Path(run_dir)), **evaluate_frames(run, clip, progress=progress)})
+        if same_clip(clip_name, str(run.config.get("clip_model_name", ""))):
+            self_evaluated.append(str(run_dir))
+    return rows, self_evaluated
+
+
+def write_metrics(run_dir, clip, clip_name: str) -> Path:
+    """metrics.json in a finished run folder: every metric, measured with `clip` (the run's
+    training CLIP at the end of a run), and which CLIP measured it."""
+    run = read_run(run_dir)
+    values = evaluate_frames(run, clip)
+    values["evaluation_clip"] = clip_name
+    values["self_evaluation"] = same_clip(clip_name, str(run.config.get("clip_model_name", "")))
+    path = Path(run_dir) / "metrics.json"
+    write_text_atomic(path, json.dumps(values, indent=2) + "\n")
+    return path
+
+
+def write_metrics_at_end(run_dir, clip, clip_name: str):
+    """The end-of-run hook (config write_metrics): metrics.json, or a one-line warning saying how
+    to measure later if it fails; the finished run is kept either way."""
+    try:
+        write_metrics(run_dir, clip, clip_name)
+    except Exception as e:  # the edit itself is done and saved; a metric must not lose it
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        warnings.warn(f"metrics.json not written ({message}); measure later with: python evaluate.py {run_dir}")
+
+
+def format_table(rows: list, columns: list) -> str:
+    """A plain-text table: one row per run, one column per metric ('-': not defined)."""
+    header = ["run"] + columns
+    body = [[Path(r["run"]).name] + [_cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(line[i]) for line in [header] + body) for i in range(len(header))]
+
+    def line(cells):
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(b) for b in body])
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
