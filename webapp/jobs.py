@@ -46,7 +46,7 @@ def defaults_for(device: str) -> dict:
 @dataclass
 class ServerSettings:
     """What the app's command line fixes for every run."""
-    results: Path                 # job folders go here; the only folder the app serves files from
+    results: Path                 # job folders go here (the app serves files from here and `atlases` only)
     atlases: Path                 # atlases to edit (one folder each, with its `checkpoint`)
     clip: str | None = None       # clip_model_name for every run (a checkpoint file), None: the default
     overrides: dict = field(default_factory=dict)  # "image" / "video" / "atlas" -> config keys for every run
@@ -60,7 +60,7 @@ class ServerSettings:
 
 def read_settings_file(path) -> dict:
     """A YAML file of config keys for every run, by kind: {image: {...}, video: {...}, atlas: {...}}."""
-    from util.config import read_yaml
+    from util.config import load_config, read_yaml
     data = read_yaml(path)
     unknown = sorted(set(data) - {"image", "video", "atlas"})
     if unknown:
@@ -69,7 +69,6 @@ def read_settings_file(path) -> dict:
     for kind, keys in data.items():
         if keys is not None and not isinstance(keys, dict):
             raise ConfigError(f"{path}: section {kind}: must hold key: value pairs")
-        from util.config import load_config
         load_config("nla" if kind == "atlas" else kind, overrides=keys or {})  # an unknown key fails now
     return data
 
@@ -82,7 +81,7 @@ class Report:
     step: int
     total: int
     elapsed: float           # seconds since the job started
-    eta: float | None        # seconds left, estimated
+    eta: float               # seconds left, estimated
 
 
 def eta_seconds(step: int, total: int, now: float, started: float, first: tuple | None) -> float:
@@ -132,7 +131,8 @@ class Job:
         if self.last is None:
             return None
         elapsed = time.monotonic() - self.started
-        return Report(self.last.step, self.last.total, elapsed, max(0.0, self.last.eta - (elapsed - self.last.elapsed)))
+        eta = max(0.0, self.last.eta - (elapsed - self.last.elapsed))
+        return Report(self.last.step, self.last.total, elapsed, eta)
 
     def start(self, work):
         def run():
@@ -245,7 +245,7 @@ def removed_on_user_error(folder: Path):
 class ImageRequest:
     photo: Path                  # the upload (checked: inside the upload folder or the app's results)
     photo_name: str              # the name the user gave the file
-    comp_text: str
+    comp_text: str | None         # None: refused with the command line's 'comp_text is empty'
     screen_text: str | None
     src_text: str | None
     bootstrap_text: str | None
@@ -328,7 +328,7 @@ def atlas_folder(server: ServerSettings, name) -> Path:
 class VideoRequest:
     atlas: str                   # a name from list_atlases
     layer: str                   # "foreground" or "background"
-    comp_text: str
+    comp_text: str | None         # None: refused with the command line's 'comp_text is empty'
     screen_text: str | None
     src_text: str | None
     bootstrap_text: str | None
