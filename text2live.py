@@ -24,7 +24,7 @@ from PIL import Image
 
 from util.errors import ConfigError, InputError
 
-__all__ = ["edit_image", "edit_video", "render", "ImageEdit", "VideoEdit"]
+__all__ = ["edit_image", "edit_video", "make_atlas", "render", "ImageEdit", "VideoEdit"]
 
 
 @dataclass
@@ -244,6 +244,37 @@ def edit_video(atlas, comp_text, screen_text=None, src_text=None, bootstrap_text
     finally:
         if tmp is not None:
             tmp.cleanup()
+
+
+def make_atlas(video, out_dir, masks=None, *, steps=None, size=None, seed=0, device=None, overrides=None,
+               progress=None) -> Path:
+    """Train a Neural Layered Atlas for `video` (a frame folder or a video file) into `out_dir`,
+    as train_nla.py does; returns the checkpoint path, which edit_video accepts (so does out_dir).
+
+    masks: a folder of object masks, one per frame (None: a background-only atlas). steps:
+    iters_num; size: the frames' short side in pixels (the long side keeps the video's aspect,
+    rounded to an even number); None keeps configs/nla_config.yaml's values. overrides: a dict
+    of nla config keys on top. progress(iteration, total, preview): called every evaluate_every
+    steps with the middle frame's reconstruction (a PIL image); returning False stops there,
+    and the atlas so far is saved (running again with the same out_dir resumes).
+    """
+    from util.config import check_nla_config, load_config
+    values = {"seed": seed, "device": device or "auto"}
+    if steps is not None:
+        values["iters_num"] = steps
+    if size is not None:
+        from datasets.video_data import source_size
+        from util.image_io import resolve_data_path
+        if not Path(resolve_data_path(str(video))).exists():
+            raise InputError(f"video {video} does not exist; give a frame folder or a video file")
+        width, height = source_size(video) or (16, 9)
+        scale = size / min(width, height)
+        values["resx"], values["resy"] = (max(2, 2 * round(width * scale / 2)), max(2, 2 * round(height * scale / 2)))
+    values.update(overrides or {})
+    cfg = load_config("nla", overrides=values)
+    check_nla_config(cfg)
+    from training.nla import train
+    return Path(train(cfg, video, masks, out_dir, progress=_progress_adapter(progress)))
 
 
 def render(run_dir, image=None, *, device=None, out_dir=None):

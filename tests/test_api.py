@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import skimage.data
+import yaml
 from PIL import Image
 
 import text2live
@@ -78,3 +79,31 @@ def test_edit_video_returns_frames_and_alpha_layers(tiny_video, tiny_clip_file, 
     assert "edit_layer.webm" in result.files and result.steps == 2
     again = text2live.render(result.run_dir, device="cpu")
     assert again.frames.shape == result.frames.shape
+
+
+def test_make_atlas_reports_progress_and_stops_keeping_the_atlas(tmp_path):
+    import torch
+    photo = np.asarray(skimage.data.coffee())
+    (tmp_path / "frames").mkdir()
+    for t in range(6):
+        Image.fromarray(photo[100:164, 10 * t:10 * t + 96]).save(tmp_path / "frames" / f"{t:05d}.png")
+    small = {"grid_levels": 5, "grid_max_resolution": 256, "grid_mapping_cell": 8, "grid_alpha_width": 32,
+             "samples_batch": 500, "evaluate_every": 5}
+    seen = []
+
+    def progress(step, total, preview):
+        seen.append((step, total, preview.size))
+        return False  # stop at the first report
+
+    out = tmp_path / "atlas"
+    checkpoint = text2live.make_atlas(tmp_path / "frames", out, steps=40, size=32, device="cpu", overrides=small,
+                                      progress=progress)
+    assert seen == [(5, 40, (48, 32))]  # the middle frame's reconstruction, at 48x32 (short side 32)
+    assert checkpoint == out / "checkpoint" and torch.load(checkpoint, weights_only=False)["iteration"] == 5
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert (saved["resx"], saved["resy"], saved["iters_num"]) == (48, 32, 40)
+    # the same call again resumes at iteration 5 and finishes
+    text2live.make_atlas(tmp_path / "frames", out, steps=40, size=32, device="cpu", overrides=small)
+    assert torch.load(checkpoint, weights_only=False)["iteration"] == 40
+    with pytest.raises(InputError, match="video /nonexistent does not exist"):
+        text2live.make_atlas("/nonexistent", tmp_path / "x", size=32)

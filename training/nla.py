@@ -119,9 +119,13 @@ def file_megabytes(path: Path) -> float:
     return path.stat().st_size / 1e6
 
 
-def train(cfg: dict, video_path, masks_path, out_dir) -> Path:
+def train(cfg: dict, video_path, masks_path, out_dir, progress=None) -> Path:
     """Train (or resume) an atlas; write out_dir/checkpoint (the model), out_dir/optimizer_state
-    (Adam's state, for resuming) and the run's outputs."""
+    (Adam's state, for resuming) and the run's outputs.
+    progress(iteration, total, preview) is called every evaluate_every steps, after the previews
+    and the checkpoint are saved (preview: the middle frame's reconstruction, [1, 3, H, W]);
+    returning False stops training there, and the outputs are written as at the end (the
+    checkpoint holds the iterations done, so the same command resumes)."""
     out_dir = Path(out_dir)
     device = pick_device(cfg["device"])
     data = VideoData(video_path, masks_path, cfg, out_dir, device)
@@ -175,6 +179,11 @@ def train(cfg: dict, video_path, masks_path, out_dir) -> Path:
                 log.flush()
                 save_previews(nla, data, out_dir / "previews" / f"iter_{done:06d}", cfg, recon)
                 save(done)
+                mid = data.T // 2
+                if progress is not None and progress(done, cfg["iters_num"], recon[mid:mid + 1]) is False:
+                    it = done
+                    print(f"stopped at iteration {done} of {cfg['iters_num']}")
+                    break
             it = done
     except KeyboardInterrupt:
         save(it)
@@ -182,10 +191,10 @@ def train(cfg: dict, video_path, masks_path, out_dir) -> Path:
         raise
     finally:
         bar.close()
-    save(cfg["iters_num"])
+    save(it)  # cfg["iters_num"] unless progress stopped the run
     recon = reconstruct(nla)
     video_psnr = psnr(recon, data.frames.permute(0, 3, 1, 2))
-    writer.writerow([cfg["iters_num"], round(time.time() - began, 1), "", round(video_psnr, 3)])
+    writer.writerow([it, round(time.time() - began, 1), "", round(video_psnr, 3)])
     log.close()
     save_previews(nla, data, out_dir / "previews" / "final", cfg, recon)
     write_video(torch.cat([data.frames.permute(0, 3, 1, 2), recon], dim=-1), out_dir / "reconstruction.mp4", cfg["fps"])

@@ -1,0 +1,224 @@
+"""The web app in a real browser: `python app.py` with the tiny CLIP on a free port, driven by
+Playwright in Debian's Chromium (apt-get install chromium; .ci/run installs it). Skipped, with
+the reason, only where no Chromium binary is found (and failed then under .ci/run).
+
+The tests share one page and run in file order (bad upload, image, video); the last one writes
+a screenshot of each tab to docs/ for the README.
+"""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "chrome")
+SETTINGS = """\
+image: {n_aug: 2, num_scales: 3, skip_n33d: 8, skip_n33u: 8, mixed_precision: "off"}
+video: {grid_atlas_resolution: 300, num_scales: 3, skip_n33d: 8, skip_n33u: 8, n_aug: 2, fps: 5,
+        save_model_starting_epoch: 2}
+atlas: {grid_levels: 5, grid_max_resolution: 256, grid_mapping_cell: 8, grid_alpha_width: 32, samples_batch: 1000}
+"""
+TIMEOUT_MS = 120_000
+
+
+def find_chromium():
+    for name in (os.environ.get("CHROMIUM"), *CHROMIUM_NAMES):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, tiny_clip_file):
+    """The app as a user starts it, on a free localhost port; yields (url, results folder)."""
+    root = tmp_path_factory.mktemp("webapp")
+    (root / "settings.yaml").write_text(SETTINGS)
+    port = free_port()
+    log = open(root / "app.log", "w")
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "app.py"), "--port", str(port), "--clip", str(tiny_clip_file),
+         "--results", str(root / "results"), "--atlases", str(root / "atlases"),
+         "--settings", str(root / "settings.yaml")],
+        cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            if process.poll() is not None or time.time() > deadline:
+                process.kill()
+                pytest.fail(f"the app did not start:\n{(root / 'app.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+    yield url, root / "results"
+    process.terminate()
+    process.wait(timeout=30)
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    chromium = find_chromium()
+    if chromium is None:
+        reason = "no Chromium binary found (apt-get install chromium, or set CHROMIUM=/path/to/chrome)"
+        if os.environ.get("TEXT2LIVE_REQUIRE_BROWSER"):  # set by .ci/run, which installs it
+            pytest.fail(reason)
+        pytest.skip(reason)
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def page(browser, app):
+    page = browser.new_page(viewport={"width": 1280, "height": 900}, accept_downloads=True)
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(app[0])
+    page.wait_for_selector("#run")
+    yield page
+    page.close()
+
+
+def wait_for_text(page, selector: str, text: str):
+    page.wait_for_function("([s, t]) => document.querySelector(s)?.innerText.includes(t)", arg=[selector, text],
+                           timeout=TIMEOUT_MS)
+
+
+def fill(page, values: dict):
+    for selector, value in values.items():
+        page.fill(f"{selector} input, {selector} textarea", str(value))
+
+
+def download(page, link_selector: str, folder: Path) -> Path:
+    with page.expect_download() as info:
+        page.click(link_selector)
+    path = folder / info.value.suggested_filename
+    info.value.save_as(path)
+    return path
+
+
+def test_an_unreadable_upload_shows_the_message_and_writes_nothing(page, app, tmp_path):
+    before = sorted(app[1].iterdir())
+    broken = tmp_path / "holiday.jpg"
+    broken.write_bytes(b"not a photo at all" * 50)
+    page.set_input_files("#photo input[type=file]", str(broken))
+    wait_for_text(page, "#photo-note", "holiday.jpg is not a readable image")
+    page.locator("[data-testid='toast-body']").filter(has_text="holiday.jpg is not a readable image").wait_for()
+    page.click("#run")  # the photo was refused, so there is nothing to run
+    toast = page.locator("[data-testid='toast-body']").filter(has_text="no photo; upload one")
+    toast.wait_for()
+    toast.get_by_role("button").last.click()  # errors stay until closed (x)
+    toast.wait_for(state="detached")
+    assert page.locator("[data-testid='toast-body']").filter(has_text="no photo").count() == 0
+    page.get_by_text("cat with leopard fur").first.click()  # the example's photo back, for the screenshot
+    assert sorted(app[1].iterdir()) == before
+
+
+def test_image_tab_runs_shows_progress_and_previews_stops_and_downloads(page, browser, app, tmp_path):
+    page.get_by_text("cat with leopard fur").first.click()  # an example fills in every field
+    assert page.input_value("#comp textarea") == "cat with leopard fur"
+    assert page.input_value("#screen textarea") == "leopard fur" and page.input_value("#bootstrap textarea") == "cat"
+    page.wait_for_selector("#photo img")
+    fill(page, {"#steps": 5000, "#size": 64, "#preview-every": 5})
+
+    # a long run, stopped: it ends cleanly with the result so far
+    page.click("#run")
+    wait_for_text(page, "#progress", "/ 5000")
+    # meanwhile another user's run waits in the queue, and their page says so
+    other = browser.new_page(viewport={"width": 1280, "height": 900})
+    other.set_default_timeout(TIMEOUT_MS)
+    other.goto(app[0])
+    other.get_by_text("cat with leopard fur").first.click()
+    other.wait_for_selector("#photo img")
+    fill(other, {"#steps": 4, "#size": 64, "#preview-every": 2})
+    other.click("#run")
+    wait_for_text(other, "#progress", "queue: 1/1")
+    assert "/ 5000" in page.inner_text("#progress")  # one run at a time
+    page.click("#stop")
+    wait_for_text(page, "#progress", "stopped: step")
+    done = int(page.inner_text("#progress").split("step ")[1].split(" /")[0])
+    assert 5 <= done < 5000 and done % 5 == 0
+    wait_for_text(page, "#command", f"n_epochs={done}")
+    wait_for_text(other, "#progress", "done: step 4 / 4")  # the queued run went next
+    other.close()
+    layer = download(page, "#downloads a[download='edit_layer.png']", tmp_path / "stopped")
+    with Image.open(layer) as img:
+        assert img.mode == "RGBA" and img.size == (96, 64)  # 451x300 cat, short side 64
+
+    # a short run to its end: progress with the time left, live previews, results, downloads
+    fill(page, {"#steps": 30})
+    page.click("#run")
+    wait_for_text(page, "#progress", "/ 30 ·")
+    wait_for_text(page, "#progress", "left")  # "step 5 / 30 · 3 s elapsed · about 9 s left"
+    page.wait_for_selector("#composite img")  # the live preview, with the edit over green and alpha
+    assert page.locator("#edit-over-green img").count() == 1 and page.locator("#alpha img").count() == 1
+    wait_for_text(page, "#progress", "done: step 30 / 30")
+    page.wait_for_selector("#loss-plot img")
+    layer = download(page, "#downloads a[download='edit_layer.png']", tmp_path)
+    with Image.open(layer) as img:
+        assert img.format == "PNG" and img.mode == "RGBA" and img.size == (96, 64)
+    assert page.locator("#downloads a[download$='.zip']").count() == 1
+    assert "n_epochs" not in page.inner_text("#command")
+    assert page.inner_text("#command").strip().endswith("results_folder=results")
+
+
+def test_video_tab_trains_an_atlas_from_an_upload_and_edits_it(page, app, tmp_path):
+    import imageio.v2 as imageio
+    import skimage.data
+    photo = np.asarray(skimage.data.coffee())
+    video = tmp_path / "coffee.mp4"
+    imageio.mimwrite(video, [photo[100:164, 10 * t:10 * t + 96] for t in range(6)], fps=5, macro_block_size=16)
+
+    page.get_by_role("tab", name="Video").click()
+    page.set_input_files("#video-file input[type=file]", str(video))
+    page.wait_for_selector("#video-file a[download]")
+    fill(page, {"#atlas-steps": 20, "#atlas-size": 32})
+    page.click("#train-atlas")
+    wait_for_text(page, "#atlas-progress", "atlas 'coffee' done")
+    page.wait_for_selector("#atlas-preview img")
+    assert page.input_value("#atlas input") == "coffee"
+
+    page.get_by_label("background").check()
+    fill(page, {"#v-comp": "a table covered in snow", "#v-screen": "snow", "#v-steps": 4, "#v-preview-every": 2})
+    page.click("#v-run")
+    wait_for_text(page, "#v-progress", "done: step 4 / 4")
+    page.wait_for_selector("#edited-video video")
+    page.wait_for_selector("#atlases img")
+    names = {page.locator("#v-downloads a[download]").nth(i).get_attribute("download")
+             for i in range(page.locator("#v-downloads a[download]").count())}
+    assert {"edited.mp4", "side_by_side.mp4", "edit_layer.webm", "atlas_edited.png"} <= names
+    webm = download(page, "#v-downloads a[download='edit_layer.webm']", tmp_path)
+    assert webm.read_bytes()[:4] == b"\x1a\x45\xdf\xa3"  # a Matroska/WebM file
+
+    # the end of the run: a screenshot of each tab for the README
+    for tab, name in (("Video", "webapp_video.png"), ("Image", "webapp_image.png")):
+        page.get_by_role("tab", name=tab).click()
+        time.sleep(1)
+        save_screenshot(page.screenshot(full_page=True), REPO / "docs" / name)
+
+
+def save_screenshot(png: bytes, path: Path, width: int = 1000):
+    """A page screenshot scaled to `width` and reduced to 256 colours (small enough for the repository)."""
+    import io
+    with Image.open(io.BytesIO(png)) as img:
+        img = img.convert("RGB")
+        img = img.resize((width, round(img.height * width / img.width)), Image.LANCZOS)
+        img.quantize(256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
