@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -211,12 +212,13 @@ def test_image_job_zip_reproduces_the_run_from_the_command_line(server, cat_phot
     assert out.command in (unpacked / "REPRODUCE.txt").read_text()
 
     # the command, run where the zip was unpacked (with the repository's script), gives the same edit
+    # (up to one 8-bit level: a CPU's sums round differently with another number of threads)
     args = shlex.split(out.command)
     assert args[:4] == ["python", "train_image.py", "--config", f"{run_name}/config.yaml"]
     subprocess.run([sys.executable, str(REPO / args[1]), *args[2:]], cwd=tmp_path / "unpacked", check=True,
-                   capture_output=True, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
-    again = next((tmp_path / "unpacked" / "results").glob("*/final/composite.png"))
-    assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(out.composite)))
+                   capture_output=True, env={"OMP_NUM_THREADS": str(torch.get_num_threads()), "PATH": "/usr/bin:/bin"})
+    again = np.asarray(Image.open(next((tmp_path / "unpacked" / "results").glob("*/final/composite.png"))), dtype=int)
+    assert np.abs(again - np.asarray(Image.open(out.composite), dtype=int)).max() <= 1
 
 
 def test_stopped_image_job_keeps_its_result_and_says_how_many_steps(server, cat_photo):

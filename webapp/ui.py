@@ -155,7 +155,7 @@ def build_app(server: jobs.ServerSettings) -> gr.Blocks:
             gr.Markdown(f"Running on the **CPU**: a training step takes seconds, so the defaults are small "
                         f"({first['steps']} steps at {first['size']} px): on a 2-core CPU the first preview "
                         "comes after about a minute and the result after about ten. A GPU runs 1000 steps at "
-                        "512 px in about five minutes (H100).", elem_classes="t2l-note")
+                        "512 px in about two minutes (H200).", elem_classes="t2l-note")
 
         # ---- Image tab ----
         with gr.Tab("Image", id="image"):
