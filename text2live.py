@@ -12,6 +12,7 @@ module loads no CLIP weights and touches no network. Bad input raises the same o
 errors (util.errors) the command lines print.
 """
 
+import contextlib
 import hashlib
 import json
 import tempfile
@@ -170,10 +171,7 @@ def edit_image(image, comp_text, screen_text=None, src_text=None, bootstrap_text
     out_dir: where the run folder goes (as results_folder); None: nothing is kept on disk.
     """
     from training.image import train
-    keep = out_dir is not None
-    tmp = None if keep else tempfile.TemporaryDirectory(prefix="text2live-")
-    root = Path(out_dir) if keep else Path(tmp.name)
-    try:
+    with _run_root(out_dir) as root:
         values = _overrides({"comp_text": comp_text, "screen_text": screen_text, "src_text": src_text,
                              "bootstrap_text": bootstrap_text}, steps, seed, device, overrides)
         if bootstrap_text is not None and "bootstrap_epoch" not in (overrides or {}):
@@ -182,11 +180,7 @@ def edit_image(image, comp_text, screen_text=None, src_text=None, bootstrap_text
         values["image_path"] = _image_file(image, root)
         cfg = _config("image", config, values)
         run_dir = Path(train(cfg, progress=_progress_adapter(progress)))
-        state = _read_steps(run_dir)
-        return _image_result(run_dir / "final", state, run_dir if keep else None)
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
+        return _image_result(run_dir / "final", _read_steps(run_dir), run_dir if out_dir is not None else None)
 
 
 def atlas_settings(atlas) -> tuple[Path, dict]:
@@ -225,13 +219,9 @@ def edit_video(atlas, comp_text, screen_text=None, src_text=None, bootstrap_text
     if layer not in ("background", "foreground"):
         raise ConfigError(f"layer={layer!r}; use 'background' or 'foreground'")
     checkpoint, from_atlas = atlas_settings(atlas)  # from_atlas: below config and arguments
-    values = {}
-    keep = out_dir is not None
-    tmp = None if keep else tempfile.TemporaryDirectory(prefix="text2live-")
-    root = Path(out_dir) if keep else Path(tmp.name)
-    try:
-        values.update(_overrides({"comp_text": comp_text, "screen_text": screen_text, "src_text": src_text,
-                                  "bootstrap_text": bootstrap_text}, steps, seed, device, overrides))
+    with _run_root(out_dir) as root:
+        values = _overrides({"comp_text": comp_text, "screen_text": screen_text, "src_text": src_text,
+                             "bootstrap_text": bootstrap_text}, steps, seed, device, overrides)
         values.update({"checkpoint_path": str(checkpoint), "results_folder": str(root),
                        "finetune_foreground": layer == "foreground", "finetune_background": layer == "background"})
         if video is not None:
@@ -240,10 +230,7 @@ def edit_video(atlas, comp_text, screen_text=None, src_text=None, bootstrap_text
             values["bootstrap_epoch"] = min(1000, steps)
         cfg = _config("video", config, values, base=from_atlas)
         run_dir = Path(train(cfg, progress=_progress_adapter(progress)))
-        return _video_result(run_dir / "final", _read_steps(run_dir), run_dir if keep else None)
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
+        return _video_result(run_dir / "final", _read_steps(run_dir), run_dir if out_dir is not None else None)
 
 
 def make_atlas(video, out_dir, masks=None, *, steps=None, size=None, seed=0, device=None, overrides=None,
@@ -289,9 +276,7 @@ def render(run_dir, image=None, *, device=None, out_dir=None):
     state = load_checkpoint(model, "generator checkpoint")
     kind = "video" if "layer" in state else "image"
     keep = out_dir is not None
-    tmp = None if keep else tempfile.TemporaryDirectory(prefix="text2live-")
-    root = Path(out_dir) if keep else Path(tmp.name)
-    try:
+    with _run_root(out_dir) as root:
         if kind == "image":
             from training.image import render as render_image
             values = {"render": str(model), "results_folder": str(root), "device": device or "auto"}
@@ -305,9 +290,17 @@ def render(run_dir, image=None, *, device=None, out_dir=None):
         values = {key: str(model), "results_folder": str(root), "device": device or "auto"}
         out = Path(render_video(_config("video", None, values)))
         return _video_result(out / "final", int(state.get("step", 0)), out if keep else None)
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
+
+
+@contextlib.contextmanager
+def _run_root(out_dir):
+    """Where a call's run folder goes: out_dir (kept), or a temporary folder removed on return
+    (the results are read into memory before that)."""
+    if out_dir is not None:
+        yield Path(out_dir)
+        return
+    with tempfile.TemporaryDirectory(prefix="text2live-") as tmp:
+        yield Path(tmp)
 
 
 def _read_steps(run_dir: Path) -> int:

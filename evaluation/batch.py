@@ -68,13 +68,8 @@ def read_jobs(path, common: dict | None = None) -> list:
     config changes for every job, on top of each job's overrides."""
     path = Path(path)
     where = f"jobs file {path}"
-    if not path.is_file():
-        raise ConfigError(f"{where} does not exist; give a YAML file with a top-level 'jobs:' list")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{where} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("jobs"), list) or not data["jobs"]:
+    data = read_yaml(path, "jobs file", fix="; give a YAML file with a top-level 'jobs:' list")
+    if not isinstance(data.get("jobs"), list) or not data["jobs"]:
         raise ConfigError(f"{where} needs a top-level 'jobs:' list with at least one job "
                           "(each with example_config or config)")
     jobs, names = [], set()

@@ -245,18 +245,20 @@ def _check_value(key, value, rule):
 
 # ---- reading ------------------------------------------------------------------------------
 
-def read_yaml(path) -> dict:
+def read_yaml(path, what: str = "config file", fix: str = "") -> dict:
+    """A YAML file of key: value pairs (empty: {}); a one-line ConfigError names `what` is
+    wrong, plus `fix` when the file is missing or holds no mapping."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+        raise ConfigError(f"{what} {path} does not exist{fix}")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from e
+        raise ConfigError(f"{what} {path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold key: value pairs, not a {type(data).__name__}")
+        raise ConfigError(f"{what} {path} must hold key: value pairs, not a {type(data).__name__}{fix}")
     return data
 
 

@@ -106,6 +106,23 @@ def result_image(label: str, elem_id: str) -> gr.Image:
 
 # ---- the page --------------------------------------------------------------------------------------
 
+def edit_texts(prefix: str, comp_label: str):
+    """The four text boxes of an edit (element ids prefixed for the video tab)."""
+    comp = gr.Textbox(label=comp_label, info=TEXT_HELP["comp"], elem_id=f"{prefix}comp")
+    screen = gr.Textbox(label="Edit layer alone (screen text)", info=TEXT_HELP["screen"], elem_id=f"{prefix}screen")
+    with gr.Row():
+        src = gr.Textbox(label="Input (source text)", info=TEXT_HELP["src"], elem_id=f"{prefix}src")
+        boot = gr.Textbox(label="Region (bootstrap text)", info=TEXT_HELP["bootstrap"], elem_id=f"{prefix}bootstrap")
+    return comp, screen, src, boot
+
+
+def run_and_stop(prefix: str):
+    """A tab's Run and Stop buttons, side by side."""
+    with gr.Row():
+        return (gr.Button("Run", variant="primary", elem_id=f"{prefix}run"),
+                gr.Button("Stop", variant="stop", elem_id=f"{prefix}stop"))
+
+
 def build_app(server: jobs.ServerSettings) -> gr.Blocks:
     board = jobs.JobBoard()
     devices = jobs.available_devices()
@@ -148,6 +165,14 @@ def build_app(server: jobs.ServerSettings) -> gr.Blocks:
         if not board.stop(request.session_hash):
             gr.Info("Nothing is running in this page.")
 
+    def edit_fields(comp_text, screen_text, src_text, boot_text, n_steps, seed_value, device_name, every) -> dict:
+        """What an image and a video request share, from the page's values (checked as the CLI does)."""
+        return dict(comp_text=jobs.optional_text(comp_text), screen_text=jobs.optional_text(screen_text),
+                    src_text=jobs.optional_text(src_text), bootstrap_text=jobs.optional_text(boot_text),
+                    steps=jobs.whole_number(n_steps, "steps", 1), seed=jobs.whole_number(seed_value, "seed", -1),
+                    device=device_name if device_name in devices else devices[0],
+                    preview_every=jobs.whole_number(every, "preview every", 1))
+
     with gr.Blocks(title="Text2LIVE") as app:
         gr.Markdown("# Text2LIVE\nType what the picture should become; a small network learns an **edit layer** "
                     "(colour + opacity) for your photo or video, while you watch. Each run trains from scratch.")
@@ -165,13 +190,7 @@ def build_app(server: jobs.ServerSettings) -> gr.Blocks:
                                      type="filepath", image_mode=None, sources=["upload", "clipboard"], height=260,
                                      elem_id="photo")
                     photo_note = gr.Markdown("", elem_id="photo-note")
-                    comp = gr.Textbox(label="Edited picture (comp text)", info=TEXT_HELP["comp"], elem_id="comp")
-                    screen = gr.Textbox(label="Edit layer alone (screen text)", info=TEXT_HELP["screen"],
-                                        elem_id="screen")
-                    with gr.Row():
-                        src = gr.Textbox(label="Input (source text)", info=TEXT_HELP["src"], elem_id="src")
-                        boot = gr.Textbox(label="Region (bootstrap text)", info=TEXT_HELP["bootstrap"],
-                                          elem_id="bootstrap")
+                    comp, screen, src, boot = edit_texts("", "Edited picture (comp text)")
                     with gr.Row():
                         steps = gr.Number(label="Steps", value=first["steps"], precision=0, minimum=1,
                                           elem_id="steps")
@@ -183,9 +202,7 @@ def build_app(server: jobs.ServerSettings) -> gr.Blocks:
                         device = gr.Dropdown(devices, value=devices[0], label="Device", elem_id="device")
                         preview_every = gr.Number(label="Preview every N steps", value=first["preview_every"],
                                                   precision=0, minimum=1, elem_id="preview-every")
-                    with gr.Row():
-                        run = gr.Button("Run", variant="primary", elem_id="run")
-                        stop_button = gr.Button("Stop", variant="stop", elem_id="stop")
+                    run, stop_button = run_and_stop("")
                 with gr.Column(scale=3, min_width=400):
                     progress = gr.HTML(progress_html(None, "Upload a photo, type the texts and press Run."),
                                        elem_id="progress")
@@ -230,13 +247,9 @@ def build_app(server: jobs.ServerSettings) -> gr.Blocks:
                 if path is None:
                     raise InputError("no photo; upload one (or pick an example) first")
                 req = jobs.ImageRequest(
-                    photo=check_origin(path, upload_roots), photo_name=name, comp_text=jobs.optional_text(comp_text),
-                    screen_text=jobs.optional_text(screen_text), src_text=jobs.optional_text(src_text),
-                    bootstrap_text=jobs.optional_text(boot_text), steps=jobs.whole_number(n_steps, "steps", 1),
+                    photo=check_origin(path, upload_roots), photo_name=name,
                     size=jobs.whole_number(short_side, "size", 32, 2048),
-                    seed=jobs.whole_number(seed_value, "seed", -1),
-                    device=device_name if device_name in devices else devices[0],
-                    preview_every=jobs.whole_number(every, "preview every", 1))
+                    **edit_fields(comp_text, screen_text, src_text, boot_text, n_steps, seed_value, device_name, every))
                 jobs.check_image_request(req, server)
             except USER_ERRORS as e:
                 raise user_error(e)
@@ -295,13 +308,7 @@ def build_app(server: jobs.ServerSettings) -> gr.Blocks:
                     video_layer = gr.Radio(["foreground", "background"], value="foreground", label="Layer to edit",
                                            info="foreground: the masked object; background: everything else",
                                            elem_id="layer")
-                    v_comp = gr.Textbox(label="Edited video (comp text)", info=TEXT_HELP["comp"], elem_id="v-comp")
-                    v_screen = gr.Textbox(label="Edit layer alone (screen text)", info=TEXT_HELP["screen"],
-                                          elem_id="v-screen")
-                    with gr.Row():
-                        v_src = gr.Textbox(label="Input (source text)", info=TEXT_HELP["src"], elem_id="v-src")
-                        v_boot = gr.Textbox(label="Region (bootstrap text)", info=TEXT_HELP["bootstrap"],
-                                            elem_id="v-bootstrap")
+                    v_comp, v_screen, v_src, v_boot = edit_texts("v-", "Edited video (comp text)")
                     with gr.Row():
                         v_steps = gr.Number(label="Steps", value=first["video_steps"], precision=0, minimum=1,
                                             elem_id="v-steps")
@@ -309,9 +316,7 @@ def build_app(server: jobs.ServerSettings) -> gr.Blocks:
                         v_device = gr.Dropdown(devices, value=devices[0], label="Device", elem_id="v-device")
                         v_every = gr.Number(label="Preview every N steps", value=first["video_preview_every"],
                                             precision=0, minimum=1, elem_id="v-preview-every")
-                    with gr.Row():
-                        v_run = gr.Button("Run", variant="primary", elem_id="v-run")
-                        v_stop = gr.Button("Stop", variant="stop", elem_id="v-stop")
+                    v_run, v_stop = run_and_stop("v-")
                 with gr.Column(scale=3, min_width=400):
                     v_progress = gr.HTML(progress_html(None, "Choose an atlas, type the texts and press Run."),
                                          elem_id="v-progress")
@@ -377,12 +382,8 @@ def build_app(server: jobs.ServerSettings) -> gr.Blocks:
                       device_name, every, request: gr.Request):
             try:
                 req = jobs.VideoRequest(
-                    atlas=atlas_name, layer=layer_name, comp_text=jobs.optional_text(comp_text),
-                    screen_text=jobs.optional_text(screen_text), src_text=jobs.optional_text(src_text),
-                    bootstrap_text=jobs.optional_text(boot_text), steps=jobs.whole_number(n_steps, "steps", 1),
-                    seed=jobs.whole_number(seed_value, "seed", -1),
-                    device=device_name if device_name in devices else devices[0],
-                    preview_every=jobs.whole_number(every, "preview every", 1))
+                    atlas=atlas_name, layer=layer_name,
+                    **edit_fields(comp_text, screen_text, src_text, boot_text, n_steps, seed_value, device_name, every))
                 jobs.check_video_request(req, server)
             except USER_ERRORS as e:
                 raise user_error(e)
