@@ -158,9 +158,25 @@ def test_job_board_stops_only_the_sessions_own_job(tmp_path):
     board, mine, theirs = jobs.JobBoard(), jobs.Job(tmp_path), jobs.Job(tmp_path)
     board.begin("me", mine)
     board.begin("them", theirs)
-    assert board.stop("me") and mine.stopped and not theirs.stopped
+    assert board.stop("me") == "running" and mine.stopped and not theirs.stopped
     board.end("me", mine)
-    assert not board.stop("me")
+    assert board.stop("me") is None
+
+
+def test_stop_cancels_a_run_still_waiting_in_the_queue(tmp_path):
+    board = jobs.JobBoard()
+    board.submitted("me")  # queued behind someone else's run
+    assert board.stop("me") == "waiting"
+    assert board.starting("me") is False  # it leaves the queue cancelled: it never runs
+    board.submitted("me")  # the next run is not affected
+    assert board.starting("me") is True
+    assert board.stop("me") is None  # nothing running or waiting: nothing to cancel later
+    board.submitted("me")
+    assert board.starting("me") is True
+    # a run that starts before its submission is counted (an idle queue) is not left "waiting"
+    assert board.starting("you") is True
+    board.submitted("you")
+    assert board.stop("you") is None
 
 
 def test_time_left_excludes_the_start_up():

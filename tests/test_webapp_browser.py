@@ -152,13 +152,27 @@ def test_image_tab_runs_shows_progress_and_previews_stops_and_downloads(page, br
     other.click("#run")
     wait_for_text(other, "#progress", "queue: 1/1")
     assert "/ 5000" in page.inner_text("#progress")  # one run at a time
+    # a third user queues a run and thinks better of it: Stop cancels it while it waits
+    third = browser.new_page(viewport={"width": 1280, "height": 900})
+    third.set_default_timeout(TIMEOUT_MS)
+    third.goto(app[0])
+    third.get_by_text("cat with leopard fur").first.click()
+    third.wait_for_selector("#photo img")
+    fill(third, {"#steps": 4, "#size": 64, "#preview-every": 2})
+    third.click("#run")
+    wait_for_text(third, "#progress", "queue: 2/2")
+    third.click("#stop")
+    third.locator("[data-testid='toast-body']").filter(has_text="it will not start").wait_for()
     page.click("#stop")
     wait_for_text(page, "#progress", "stopped: step")
     done = int(page.inner_text("#progress").split("step ")[1].split(" /")[0])
     assert 5 <= done < 5000 and done % 5 == 0
     wait_for_text(page, "#command", f"n_epochs={done}")
     wait_for_text(other, "#progress", "done: step 4 / 4")  # the queued run went next
+    wait_for_text(third, "#progress", "stopped while waiting in the queue")  # and the cancelled one never ran
+    assert len(list(app[1].glob("image-*"))) == 2
     other.close()
+    third.close()
     layer = download(page, "#downloads a[download='edit_layer.png']", tmp_path / "stopped")
     with Image.open(layer) as img:
         assert img.mode == "RGBA" and img.size == (96, 64)  # 451x300 cat, short side 64

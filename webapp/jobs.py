@@ -161,11 +161,28 @@ class Job:
 
 
 class JobBoard:
-    """The running job of each browser session, so that its Stop button finds it."""
+    """Each browser session's running job, so that its Stop button finds it, and its runs still
+    waiting in the queue, so that Stop can cancel those too."""
 
     def __init__(self):
         self._jobs = {}
+        self._waiting = {}       # session -> runs submitted but not started yet
+        self._cancelled = set()  # sessions whose waiting run Stop cancelled
         self._lock = threading.Lock()
+
+    def submitted(self, session: str):
+        """A run was submitted (it waits in the queue until it starts)."""
+        with self._lock:
+            self._waiting[session] = self._waiting.get(session, 0) + 1
+
+    def starting(self, session: str) -> bool:
+        """A submitted run leaves the queue: False if Stop cancelled it while it waited."""
+        with self._lock:
+            self._waiting[session] = self._waiting.get(session, 0) - 1
+            if session in self._cancelled:
+                self._cancelled.discard(session)
+                return False
+            return True
 
     def begin(self, session: str, job: Job):
         with self._lock:
@@ -176,14 +193,18 @@ class JobBoard:
             if self._jobs.get(session) is job:
                 del self._jobs[session]
 
-    def stop(self, session: str) -> bool:
-        """Ask the session's running job to stop; False when it has none."""
+    def stop(self, session: str) -> str | None:
+        """Stop the session's running job ("running"), else cancel its run waiting in the queue
+        ("waiting"); None when it has neither."""
         with self._lock:
             job = self._jobs.get(session)
+            if job is None and self._waiting.get(session, 0) > 0:
+                self._cancelled.add(session)
+                return "waiting"
         if job is None:
-            return False
+            return None
         job.stop()
-        return True
+        return "running"
 
 
 def new_job_folder(results: Path, kind: str) -> Path:

@@ -162,8 +162,17 @@ def build_app(server: jobs.ServerSettings) -> gr.Blocks:
         return job.result
 
     def stop(request: gr.Request):
-        if not board.stop(request.session_hash):
+        stopped = board.stop(request.session_hash)
+        if stopped is None:
             gr.Info("Nothing is running in this page.")
+        elif stopped == "waiting":
+            gr.Info("Your run was waiting in the queue: it will not start.")
+
+    def submitted(request: gr.Request):  # the Run button's first listener: a run joins the queue
+        board.submitted(request.session_hash)
+
+    def cancelled_while_waiting(request: gr.Request) -> bool:
+        return not board.starting(request.session_hash)
 
     def edit_fields(comp_text, screen_text, src_text, boot_text, n_steps, seed_value, device_name, every) -> dict:
         """What an image and a video request share, from the page's values (checked as the CLI does)."""
@@ -242,6 +251,9 @@ def build_app(server: jobs.ServerSettings) -> gr.Blocks:
 
         def run_image(photo_value, comp_text, screen_text, src_text, boot_text, n_steps, short_side, seed_value,
                       device_name, every, request: gr.Request):
+            if cancelled_while_waiting(request):
+                yield {progress: progress_html(None, "stopped while waiting in the queue")}
+                return
             try:
                 path, name = upload_path(photo_value)
                 if path is None:
@@ -272,6 +284,8 @@ def build_app(server: jobs.ServerSettings) -> gr.Blocks:
                                                 out.zip)],
                    command: out.command, results_box: gr.Column(visible=True)}
 
+        # counted before the run joins the queue (a button's listeners run one after another)
+        run.click(submitted, None, None, concurrency_limit=None, show_progress="hidden")
         run.click(run_image, [photo, comp, screen, src, boot, steps, size, seed, device, preview_every],
                   [progress, composite, layer, green, alpha, loss_plot, downloads, command, results_box],
                   preprocess=False,
@@ -341,6 +355,9 @@ def build_app(server: jobs.ServerSettings) -> gr.Blocks:
                                             wrap_lines=True, elem_id="v-command")
 
         def run_atlas(video_value, mask_values, n_steps, short_side, device_name, request: gr.Request):
+            if cancelled_while_waiting(request):
+                yield {atlas_progress: progress_html(None, "stopped while waiting in the queue")}
+                return
             try:
                 path, name = upload_path(video_value)
                 if path is None:
@@ -370,6 +387,8 @@ def build_app(server: jobs.ServerSettings) -> gr.Blocks:
                    atlas_gallery: [(str(p), c) for p, c in jobs.atlas_preview(job.folder, -1)],
                    atlas: gr.update(choices=jobs.list_atlases(server.atlases), value=name)}
 
+        # counted before the run joins the queue (a button's listeners run one after another)
+        train_atlas.click(submitted, None, None, concurrency_limit=None, show_progress="hidden")
         train_atlas.click(run_atlas, [video_file, masks, atlas_steps, atlas_size, v_device],
                           [atlas_progress, atlas_gallery, atlas], preprocess=False, concurrency_id="training",
                           concurrency_limit=1, show_progress="minimal", show_progress_on=[atlas_progress])
@@ -380,6 +399,9 @@ def build_app(server: jobs.ServerSettings) -> gr.Blocks:
 
         def run_video(atlas_name, layer_name, comp_text, screen_text, src_text, boot_text, n_steps, seed_value,
                       device_name, every, request: gr.Request):
+            if cancelled_while_waiting(request):
+                yield {v_progress: progress_html(None, "stopped while waiting in the queue")}
+                return
             try:
                 req = jobs.VideoRequest(
                     atlas=atlas_name, layer=layer_name,
@@ -407,6 +429,8 @@ def build_app(server: jobs.ServerSettings) -> gr.Blocks:
                    v_downloads: [str(p) for p in files], v_command: out.command,
                    v_results_box: gr.Column(visible=True)}
 
+        # counted before the run joins the queue (a button's listeners run one after another)
+        v_run.click(submitted, None, None, concurrency_limit=None, show_progress="hidden")
         v_run.click(run_video, [atlas, video_layer, v_comp, v_screen, v_src, v_boot, v_steps, v_seed, v_device,
                                 v_every],
                     [v_progress, v_preview, edited, side, alpha_video, atlases_out, v_loss, v_downloads, v_command,
