@@ -132,6 +132,18 @@ def test_an_unreadable_upload_shows_the_message_and_writes_nothing(page, app, tm
     assert sorted(app[1].iterdir()) == before
 
 
+def queue_a_short_run(browser, url: str):
+    """Another user's page: the first example, 4 steps at 64 px, Run pressed."""
+    other = browser.new_page(viewport={"width": 1280, "height": 900})
+    other.set_default_timeout(TIMEOUT_MS)
+    other.goto(url)
+    other.get_by_text("cat with leopard fur").first.click()
+    other.wait_for_selector("#photo img")
+    fill(other, {"#steps": 4, "#size": 64, "#preview-every": 2})
+    other.click("#run")
+    return other
+
+
 def test_image_tab_runs_shows_progress_and_previews_stops_and_downloads(page, browser, app, tmp_path):
     page.get_by_text("cat with leopard fur").first.click()  # an example fills in every field
     assert page.input_value("#comp textarea") == "cat with leopard fur"
@@ -143,23 +155,11 @@ def test_image_tab_runs_shows_progress_and_previews_stops_and_downloads(page, br
     page.click("#run")
     wait_for_text(page, "#progress", "/ 5000")
     # meanwhile another user's run waits in the queue, and their page says so
-    other = browser.new_page(viewport={"width": 1280, "height": 900})
-    other.set_default_timeout(TIMEOUT_MS)
-    other.goto(app[0])
-    other.get_by_text("cat with leopard fur").first.click()
-    other.wait_for_selector("#photo img")
-    fill(other, {"#steps": 4, "#size": 64, "#preview-every": 2})
-    other.click("#run")
+    other = queue_a_short_run(browser, app[0])
     wait_for_text(other, "#progress", "queue: 1/1")
     assert "/ 5000" in page.inner_text("#progress")  # one run at a time
     # a third user queues a run and thinks better of it: Stop cancels it while it waits
-    third = browser.new_page(viewport={"width": 1280, "height": 900})
-    third.set_default_timeout(TIMEOUT_MS)
-    third.goto(app[0])
-    third.get_by_text("cat with leopard fur").first.click()
-    third.wait_for_selector("#photo img")
-    fill(third, {"#steps": 4, "#size": 64, "#preview-every": 2})
-    third.click("#run")
+    third = queue_a_short_run(browser, app[0])
     wait_for_text(third, "#progress", "queue: 2/2")
     third.click("#stop")
     third.locator("[data-testid='toast-body']").filter(has_text="it will not start").wait_for()
