@@ -28,6 +28,7 @@ from models.clip import load_clip, random_clip  # noqa: E402
 from training.image import load_input, make_generator, make_optimizer, train_step  # noqa: E402
 from util.config import load_config, parse_overrides  # noqa: E402
 from util.image_io import shared_data_root  # noqa: E402
+from util.precision import gpu_fast_path  # noqa: E402
 
 
 def main():
@@ -41,7 +42,6 @@ def main():
     parser.add_argument("--image", default=None, help="photo (default: the shared horse, else skimage:chelsea)")
     parser.add_argument("--profile", default=None, metavar="FILE",
                         help="also profile 3 more steps with torch.profiler; write the top operators table to FILE")
-    parser.add_argument("--no-cudnn", action="store_true", help="convolutions without cuDNN (an experiment)")
     parser.add_argument("--madgrad-package", action="store_true",
                         help="the madgrad package's per-parameter step instead of FastMADGRAD (for comparison)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config keys on top of golden_horse's")
@@ -62,41 +62,41 @@ def main():
         import madgrad
         optimizer = madgrad.MADGRAD(generator.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
                                     weight_decay=cfg["weight_decay"])
-    torch.backends.cudnn.enabled = not args.no_cudnn
-    loss_fn = Text2LiveLoss(clip, cfg, device)
-    dataset = ImageDataset(image, cfg)
-    rng, torch_gen = random.Random(0), torch.Generator().manual_seed(0)
+    with gpu_fast_path(cfg["fast_path"], device):  # as training runs (fast_path=false: cuDNN)
+        loss_fn = Text2LiveLoss(clip, cfg, device)
+        dataset = ImageDataset(image, cfg)
+        rng, torch_gen = random.Random(0), torch.Generator().manual_seed(0)
 
-    began = time.perf_counter()
-    times = []
-    for step in range(1, args.steps + args.warmup + 1):  # step 0 (source joins the batch) is left out
-        if step == args.warmup + 1:
-            loss_fn.image_passes = 0
+        began = time.perf_counter()
+        times = []
+        for step in range(1, args.steps + args.warmup + 1):  # step 0 (source joins the batch) is left out
+            if step == args.warmup + 1:
+                loss_fn.image_passes = 0
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
             if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            train_step(generator, optimizer, loss_fn, dataset.sample(step, rng), step, rng, torch_gen)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if step > args.warmup:
+                times.append(time.perf_counter() - t0)
+        wall = time.perf_counter() - began
+        result = {
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "size": args.size, "image": f"{image.shape[-2]}x{image.shape[-1]}", "device": str(device), "precision": args.precision,
+            "fast_path": cfg["fast_path"], "optimizer": type(optimizer).__name__, "threads": torch.get_num_threads(), "steps": len(times),
+            "seconds_per_step": round(statistics.median(times), 3),
+            "steps_per_second": round(1 / statistics.median(times), 2), "wall_seconds": round(wall, 1),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "clip_image_passes_per_step": round(loss_fn.image_passes / len(times), 2),
+        }
         if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        train_step(generator, optimizer, loss_fn, dataset.sample(step, rng), step, rng, torch_gen)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if step > args.warmup:
-            times.append(time.perf_counter() - t0)
-    wall = time.perf_counter() - began
-    result = {
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "size": args.size, "image": f"{image.shape[-2]}x{image.shape[-1]}", "device": str(device), "precision": args.precision,
-        "cudnn": not args.no_cudnn, "optimizer": type(optimizer).__name__, "threads": torch.get_num_threads(), "steps": len(times),
-        "seconds_per_step": round(statistics.median(times), 3),
-        "steps_per_second": round(1 / statistics.median(times), 2), "wall_seconds": round(wall, 1),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "clip_image_passes_per_step": round(loss_fn.image_passes / len(times), 2),
-    }
-    if device.type == "cuda":
-        result["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
-    print(json.dumps(result))
-    if args.profile:
-        profile_steps(lambda s: train_step(generator, optimizer, loss_fn, dataset.sample(s, rng), s, rng, torch_gen), step + 1, device, args.profile)
+            result["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
+        print(json.dumps(result))
+        if args.profile:
+            profile_steps(lambda s: train_step(generator, optimizer, loss_fn, dataset.sample(s, rng), s, rng, torch_gen), step + 1, device, args.profile)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from training.loop import make_optimizer, seed_run  # noqa: E402
 from training.video import video_step  # noqa: E402
 from util.cli import run_cli  # noqa: E402
 from util.config import load_config  # noqa: E402
+from util.precision import gpu_fast_path  # noqa: E402
 
 
 def synchronize(device):
@@ -71,10 +72,11 @@ def main(argv=None):
     optimizer = make_optimizer(generator.parameters(), cfg)
 
     def train_step(step):
-        optimizer.zero_grad(set_to_none=True)
-        total, _ = video_step(generator, video, loss_fn, step, rng, torch_gen, loss_fn.precision)
-        total.backward()
-        optimizer.step()
+        with gpu_fast_path(cfg["fast_path"], device):  # as training runs it (fast_path=false: cuDNN)
+            optimizer.zero_grad(set_to_none=True)
+            total, _ = video_step(generator, video, loss_fn, step, rng, torch_gen, loss_fn.precision)
+            total.backward()
+            optimizer.step()
 
     times = []
     for step in range(1, args.steps + args.warmup + 1):
@@ -91,7 +93,7 @@ def main(argv=None):
         "example": args.example, "layer": layer, "resolution": f"{cfg['resx']}x{cfg['resy']}",
         "frames": video.n_frames, "atlas": f"{video.atlas.shape[-1]}x{video.atlas.shape[-2]}",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "precision": cfg["mixed_precision"], "steps": len(times),
+        "precision": cfg["mixed_precision"], "fast_path": cfg["fast_path"], "steps": len(times),
         "preparation_seconds": round(preparation, 1),
         "seconds_per_step": round(per_step, 3), "mean_seconds_per_step": round(statistics.mean(times), 3),
         "n_epochs": cfg["n_epochs"],

@@ -25,10 +25,10 @@ step() {  # a titled step: its stdout, the last lines of its stderr (no progress
 step "GPU tests" timeout 240 python3 -m pytest -q -p no:cacheprovider -k "cuda or gpu" tests/test_gpu.py \
     tests/test_optim.py tests/test_nla_training.py
 IMAGE="timeout 150 python3 bench/bench_image.py --size 512 --steps ${IMAGE_STEPS:-40}"
-step "image 512 float32, the madgrad package" $IMAGE --precision off --madgrad-package
-step "image 512 float32" $IMAGE --precision off
-step "image 512 float32, no cuDNN" $IMAGE --precision off --no-cudnn
-step "image 512 bf16" $IMAGE --precision auto --profile "$OUT/profile_image.txt"
+step "image 512 float32, fast_path (the GPU default)" $IMAGE --precision off --profile "$OUT/profile_image.txt"
+step "image 512 float32, cuDNN" $IMAGE --precision off fast_path=false
+step "image 512 bf16, fast_path" $IMAGE --precision auto
+step "image 512 float32, fast_path, the madgrad package" $IMAGE --precision off --madgrad-package
 if [ -z "${SKIP_NLA_STEP:-}" ]; then
     step "atlas steps, eager vs graph" timeout 200 python3 bench/bench_nla_step.py --video "$CAR/frames" \
         --masks "$CAR/masks" --resx 768 --resy 432 --batches 10000 40000 --steps 200 --work /tmp/flow
@@ -36,5 +36,7 @@ fi
 step "atlas training ${NLA_MINUTES:-2.5} min" timeout 400 python3 bench/bench_nla.py --video "$CAR/frames" --masks "$CAR/masks" \
     --resx 768 --resy 432 --minutes "${NLA_MINUTES:-2.5}" --log_minutes 0.5 --work /tmp/flow --save /tmp/atlas \
     iters_num="${NLA_ITERS:-20000}"
-step "video car-turn_winter" timeout 200 python3 bench/bench_video.py --atlas /tmp/atlas --video "$CAR/frames" --steps 15 \
-    --profile "$OUT/profile_video.txt"
+step "video car-turn_winter, fast_path" timeout 200 python3 bench/bench_video.py --atlas /tmp/atlas --video "$CAR/frames" \
+    --steps 15 --profile "$OUT/profile_video.txt"
+step "video car-turn_winter, cuDNN" timeout 200 python3 bench/bench_video.py --atlas /tmp/atlas --video "$CAR/frames" \
+    --steps 15 fast_path=false
