@@ -14,7 +14,7 @@ from text2live import atlas_settings, edit_video
 from training.loop import resume_config
 from training.video import render, train
 from util.cli import run_cli
-from util.config import check_video_config, command_line
+from util.config import check_video_config, command_line, typed_overrides
 
 
 def main(argv=None):
@@ -30,7 +30,7 @@ def main(argv=None):
     layer = "foreground" if cfg["finetune_foreground"] else "background"
     # what the atlas folder's config.yaml says about its video wins unless typed as key=value
     # (an example config's frame count belongs to the example's own video)
-    typed = {arg.partition("=")[0] for arg in argv if "=" in arg and not arg.startswith("-")}
+    typed = typed_overrides(argv)
     _, from_atlas = atlas_settings(cfg["checkpoint_path"])
     config = {k: v for k, v in cfg.items() if k not in from_atlas or k in typed}
     result = edit_video(cfg["checkpoint_path"], cfg["comp_text"], layer=layer, steps=cfg["n_epochs"], seed=cfg["seed"],

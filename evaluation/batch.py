@@ -22,8 +22,8 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
-from evaluation.runs import VIDEO_METRICS
-from util.config import CHECKS, CONFIG_DIR, REPO_ROOT, load_config, merge, read_yaml
+from evaluation.runs import VIDEO_METRICS, is_finished
+from util.config import CHECKS, CONFIG_DIR, REPO_ROOT, example_path, load_config, merge, read_yaml
 from util.errors import ConfigError, InputError
 from util.files import write_text_atomic
 
@@ -46,15 +46,13 @@ class Job:
 
 def _example_kind(name: str) -> str | None:
     """The kind whose example folder holds `name` (None when neither does)."""
-    stem = name if name.endswith((".yaml", ".yml")) else name + ".yaml"
-    found = [kind for kind in ("image", "video") if (CONFIG_DIR / f"{kind}_example_configs" / stem).is_file()]
+    found = [kind for kind in ("image", "video") if example_path(name, kind).is_file()]
     return found[0] if len(found) == 1 else None
 
 
 def _config_kind(path: str) -> str:
     """A config file's kind: video when it sets a key only video editing has, image otherwise."""
-    video_only = set(yaml.safe_load((CONFIG_DIR / "video_config.yaml").read_text())) - \
-        set(yaml.safe_load((CONFIG_DIR / "image_config.yaml").read_text()))
+    video_only = set(read_yaml(CONFIG_DIR / "video_config.yaml")) - set(read_yaml(CONFIG_DIR / "image_config.yaml"))
     try:
         keys = set(yaml.safe_load(Path(path).read_text()) or {})
     except (OSError, yaml.YAMLError, TypeError):
@@ -126,7 +124,7 @@ def find_run(job_folder: Path):
     finished run, else the newest run with a checkpoint to resume."""
     runs = sorted(d for d in job_folder.glob("*") if d.is_dir() and (d / "config.yaml").is_file()) \
         if job_folder.is_dir() else []
-    finished = [d for d in runs if (d / "final").is_dir() and (d / "model.pt").is_file()]
+    finished = [d for d in runs if is_finished(d)]
     if finished:
         return "finished", finished[-1]
     resumable = [d for d in runs if (d / "checkpoints" / "last.pt").is_file()]

@@ -49,6 +49,11 @@ def _pixels(path: Path, mode: str) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1)[None].contiguous()
 
 
+def is_finished(run_dir: Path) -> bool:
+    """A run folder whose training ended and wrote its results (final/ and model.pt)."""
+    return (run_dir / "final").is_dir() and (run_dir / "model.pt").is_file()
+
+
 def run_config(run_dir) -> tuple[str, dict]:
     """(kind, config) of a finished run folder; a one-line InputError naming the fix otherwise."""
     run_dir = Path(run_dir)
@@ -63,7 +68,7 @@ def run_config(run_dir) -> tuple[str, dict]:
         raise InputError(f"{run_dir / 'config.yaml'} is not valid YAML; the run folder is damaged") from None
     kind = "video" if "finetune_background" in config else "image"
     script = f"train_{kind}.py"
-    if not (run_dir / "final").is_dir() or not (run_dir / "model.pt").is_file():
+    if not is_finished(run_dir):
         raise InputError(f"{run_dir} is unfinished (no final/ results); finish it with: python {script} "
                          f"resume={run_dir}")
     return kind, config

@@ -279,13 +279,13 @@ def resume_config(kind: str, run_dir, argv, script: str):
     changes, its checkpoint state). Refuses, before anything loads, a folder that is not a run
     of this kind, an unreadable checkpoint and a run that already finished n_epochs and wrote
     its outputs."""
-    from util.config import load_config, parse_overrides
+    from util.config import load_config, typed_overrides
     run_dir = Path(run_dir)
     state = check_resume(run_dir, script)
     if (kind == "video") != ("layer" in state):
         other = "train_image.py" if kind == "video" else "train_video.py"
         raise ConfigError(f"resume={run_dir} is not a {kind} run; resume it with {other}")
-    given = parse_overrides([a for a in argv if "=" in a and not a.startswith("-")])
+    given = typed_overrides(argv)
     given.pop("resume", None)
     cfg = load_config(kind, config=run_dir / "config.yaml", overrides=given)
     cfg["_name"] = run_dir.name

@@ -311,13 +311,18 @@ def as_list(text) -> list:
     return [text] if isinstance(text, str) else list(text)
 
 
+def example_path(name: str, kind: str) -> Path:
+    """Where the example config `name` (with or without .yaml) of `kind` would be."""
+    return CONFIG_DIR / f"{kind}_example_configs" / (name if name.endswith((".yaml", ".yml")) else name + ".yaml")
+
+
 def resolve_example(name: str, kind: str) -> Path:
     """An example config: a path, or a name (with or without .yaml) in configs/<kind>_example_configs."""
     path = Path(name)
     if path.is_file():
         return path
     folder = CONFIG_DIR / f"{kind}_example_configs"
-    candidate = folder / (name if name.endswith((".yaml", ".yml")) else name + ".yaml")
+    candidate = example_path(name, kind)
     if candidate.is_file():
         return candidate
     known = sorted(p.name for p in folder.glob("*.yaml"))
@@ -344,6 +349,11 @@ def load_config(kind: str, config=None, example=None, overrides=()) -> dict:
     cfg = validate(cfg, defaults, kind)
     cfg["_name"] = name
     return cfg
+
+
+def typed_overrides(argv) -> dict:
+    """The key=value overrides typed on a command line (the other arguments left out)."""
+    return parse_overrides([a for a in argv if "=" in a and not a.startswith("-")])
 
 
 def command_line(kind: str, description: str, argv=None):

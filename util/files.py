@@ -18,17 +18,23 @@ def save_failed(path, e: OSError) -> SaveError:
     return SaveError(f"could not write {path} ({reason}); the previous version, if any, is intact")
 
 
-def save_atomic(obj, path: Path):
-    """torch.save to a temporary file, then rename: a failed write leaves `path` as it was."""
+def write_atomic(write, path: Path):
+    """write(tmp_path) writes a temporary file, then it is renamed to `path`: a failed write
+    leaves `path` as it was (and no temporary file)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".part")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(obj, tmp)
+        write(tmp)
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise save_failed(path, e) from None
+
+
+def save_atomic(obj, path: Path):
+    """torch.save, atomically (write_atomic)."""
+    write_atomic(lambda tmp: torch.save(obj, tmp), path)
 
 
 def replace_folder(write, folder: Path):
@@ -54,11 +60,4 @@ def replace_folder(write, folder: Path):
 
 
 def write_text_atomic(path: Path, text: str):
-    path = Path(path)
-    tmp = path.with_name(path.name + ".part")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise save_failed(path, e) from None
+    write_atomic(lambda tmp: tmp.write_text(text), path)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from util.errors import USER_ERRORS, ConfigError, InputError
+from util.files import write_atomic
 from webapp.uploads import check_masks, check_photo, check_video
 
 # what a run costs on each kind of device: the UI's defaults (a CPU run should show a first
@@ -520,17 +521,18 @@ def zip_run(run: Path, extra: dict, command: str) -> Path:
     """<run>.zip beside the run folder: every file of the run (config.yaml is the resolved config
     with the seed used), the `extra` files {name: path} and REPRODUCE.txt, all under <run>/."""
     target = run.parent / f"{run.name}.zip"
-    partial = target.with_suffix(".zip.partial")
     note = (f"Unpack this zip in the text2live repository and run:\n\n    {command}\n\n"
             "config.yaml holds every setting of the run, the seed included.\n")
-    with zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED) as archive:
-        for path in sorted(run.rglob("*")):
-            if path.is_file():
-                archive.write(path, f"{run.name}/{path.relative_to(run).as_posix()}")
-        for name, path in extra.items():
-            archive.write(path, f"{run.name}/{name}")
-        archive.writestr(f"{run.name}/REPRODUCE.txt", note)
-    partial.replace(target)
+
+    def write(tmp):
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
+            for path in sorted(run.rglob("*")):
+                if path.is_file():
+                    archive.write(path, f"{run.name}/{path.relative_to(run).as_posix()}")
+            for name, path in extra.items():
+                archive.write(path, f"{run.name}/{name}")
+            archive.writestr(f"{run.name}/REPRODUCE.txt", note)
+    write_atomic(write, target)  # a zip appears complete or not at all
     return target
 
 
