@@ -2,7 +2,7 @@
 
 Each sample, as the official SingleImageDataset makes it from the 8-bit image: colour jitter
 (p jitter_p; brightness, contrast, saturation, hue 0.1), horizontal flip (p flip_p), a scale
-s ~ U(scale_min, scale_max) to int(s H) x int(s W) (bilinear), a random crop of int(c h) x
+s ~ U(scale_min, scale_max) to int(s H) x int(s W) (Pillow's bilinear), a random crop of int(c h) x
 int(c w) with one c ~ U(crops_min_cover, 1) for both sides, and a centre crop to sides divisible
 by d_divisible_crops. Every source_image_every steps the un-augmented source joins the batch.
 """

@@ -84,14 +84,14 @@ class Text2LiveLoss:
         with autocast(self.device, self.precision):
             return self.clip.image_features(images).embedding.float()
 
-    def _self_similarity(self, image):
-        """Self-similarity [1, N, N] of the tokens entering CLIP's last block, for image [1, 3, h, w]
+    def structure_tokens(self, image):
+        """The tokens [1, N, W] entering CLIP's last block (CLS included) for image [1, 3, h, w],
         resized like the official structure loss (short side 224, long side at most 380)."""
         self.image_passes += 1
         x = resize_to(image, view_size(*image.shape[-2:], long_max=STRUCTURE_LONG_MAX))
         with autocast(self.device, self.precision):
             tokens = self.clip.image_features(x, tokens_only=True).tokens
-        return losses.self_similarity(tokens.float())
+        return tokens.float()
 
     # -- the loss -----------------------------------------------------------------------
     def __call__(self, image, colour, alpha, step: int, rng: random.Random, torch_gen: torch.Generator,
@@ -144,8 +144,10 @@ class Text2LiveLoss:
             terms["screen"] = losses.text_loss(emb[V:2 * V], self._pick(self.screen_emb, ks, ts), cfg["text_criterion"])
         if cfg["lambda_structure"] > 0:
             with torch.no_grad():
-                target = self._self_similarity(image)
-            terms["structure"] = losses.structure_loss(self._self_similarity(output), target, cfg["structure_loss"])
+                target_tokens = self.structure_tokens(image)
+            # structure_loss takes the self-similarity of each token set once, then the distance
+            terms["structure"] = losses.structure_loss(self.structure_tokens(output), target_tokens,
+                                                       cfg["structure_loss"])
         terms["sparsity"] = losses.sparsity_loss(alpha, cfg["lambda_alpha_l1"], cfg["lambda_alpha_l0"])
 
         lambda_boot = self.bootstrap_weight(step)

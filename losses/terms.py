@@ -48,7 +48,11 @@ def self_similarity(tokens, eps: float = 1e-8):
 
 
 def structure_loss(out_tokens, in_tokens, kind: str = "mse"):
-    """Distance between self-similarity matrices of output and input tokens (input: target)."""
+    """Distance between the self-similarity matrices of output and input tokens [B, N, W]
+    (input: target). Takes the tokens themselves, not their self-similarity: S is taken once here.
+
+    mse: mean((S(out) - S(in))^2), the official structure loss; fro: the Frobenius norm of the
+    difference, mean over the batch."""
     s_out = self_similarity(out_tokens)
     s_in = self_similarity(in_tokens).detach()
     if kind == "mse":
@@ -68,8 +72,8 @@ def sparsity_loss(alpha, l1_weight: float, l0_weight: float):
 def bootstrap_loss(alpha, relevancy, negative=None, negative_threshold: float = 0.6):
     """Pull alpha towards the ROI relevancy map of the same crop (all maps [B, 1, h, w]).
 
-    MSE(alpha, r+); with a negative map r-, plus MSE((1 - alpha) * m, r- * m) where
-    m = [r- > negative_threshold]: where a negative text is relevant, 1 - alpha follows r-.
+    MSE(alpha, r+); with negative maps r-_k, plus the mean over k of MSE((1 - alpha) * m_k, r-_k * m_k)
+    where m_k = [r-_k > negative_threshold]: where a negative text is relevant, 1 - alpha follows r-_k.
     negative: [K, B, 1, h, w] (one map per negative text) or None.
     """
     loss = F.mse_loss(alpha, relevancy.detach())

@@ -8,9 +8,12 @@ import copy
 import math
 import random
 
+import numpy as np
 import pytest
+import skimage.data
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from datasets.image_dataset import ImageDataset
 from losses import terms as losses
@@ -66,7 +69,7 @@ def test_structure_loss_uses_the_tokens_entering_the_last_block_with_cls(tiny_cl
     norms = t.norm(dim=-1, keepdim=True)
     expected = (t @ t.transpose(1, 2)) / (norms @ norms.transpose(1, 2))
     loss_fn = Text2LiveLoss(tiny_clip, loss_config(), "cpu")
-    got = loss_fn._self_similarity(image)
+    got = losses.self_similarity(loss_fn.structure_tokens(image))
     assert got.shape == (1, 71, 71)  # CLS included
     assert torch.allclose(got, expected, atol=1e-5)
 
@@ -186,22 +189,33 @@ def test_input_crops_keep_the_aspect_and_sizes_truncate():
     assert random_size_crop(100, 150, 1.0, rng) == (0, 0, 100, 150)
 
 
-def test_resize_input_is_bilinear_on_8_bit_levels_with_truncated_size():
-    torch.manual_seed(0)
-    image = torch.rand(1, 3, 300, 451)
-    out = resize_short_side(image, 96)
+def pil_bilinear(image, size):
+    """The official resize: Pillow's bilinear filter on the 8-bit image; size (h, w)."""
+    array = (image[0].permute(1, 2, 0) * 255).round().byte().numpy()
+    out = np.asarray(Image.fromarray(array).resize((size[1], size[0]), Image.BILINEAR))
+    return torch.from_numpy(out.copy()).permute(2, 0, 1)[None].float() / 255
+
+
+def test_resize_input_is_pillows_bilinear_with_truncated_size():
+    photo = torch.from_numpy(np.asarray(skimage.data.chelsea()).copy()).permute(2, 0, 1)[None].float() / 255
+    out = resize_short_side(photo, 96)  # 300x451, shrinking
     assert out.shape[-2:] == (96, 144)  # int(96 * 451 / 300) = int(144.32)
-    expected = F.interpolate(image, size=(96, 144), mode="bilinear", align_corners=False, antialias=True)
-    assert torch.allclose(out, (expected.clamp(0, 1) * 255).round() / 255)
-    assert torch.equal(out * 255, (out * 255).round())
+    assert torch.equal(out, pil_bilinear(photo, (96, 144)))  # bit-identical, not one level off
+    up = resize_short_side(photo, 512)  # enlarging
+    assert up.shape[-2:] == (512, 769) and torch.equal(up, pil_bilinear(photo, (512, 769)))
+    # the old imitation (antialiased interpolate, rounded) lands many pixels one level off
+    imitation = (F.interpolate(photo, size=(96, 144), mode="bilinear", align_corners=False, antialias=True)
+                 .clamp(0, 1) * 255).round() / 255
+    assert (imitation != out).float().mean() > 0.01
 
 
-def test_dataset_scale_truncates_sizes():
+def test_dataset_scale_is_pillows_bilinear_with_truncated_sizes():
     cfg = load_config("image", overrides=["jitter_p=0", "flip_p=0", "scale_min=0.9", "scale_max=0.9",
                                           "crops_min_cover=1"])
     image = (torch.rand(1, 3, 50, 77) * 255).round() / 255
     crop = ImageDataset(image, cfg).augment(random.Random(0))
     assert crop.shape[-2:] == (45, 69)  # int(50 * 0.9), int(77 * 0.9) = int(69.3)
+    assert torch.equal(crop, pil_bilinear(image, (45, 69)))
 
 
 # ---- 10. video: foreground opacity ------------------------------------------------------------

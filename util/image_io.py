@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 SAMPLE_DATA_HINT = "python -m util.download_data  (downloads the paper's sample images, videos and NLA models into data/)"
@@ -144,11 +143,20 @@ def quantize_8bit(image: torch.Tensor) -> torch.Tensor:
 
 
 def resize_8bit(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """[B, C, H, W] resized to `size` like PIL's bilinear resize of an 8-bit image (antialiased
-    when shrinking), the result rounded to 8-bit levels."""
+    """[B, C, H, W] in [0, 1] resized to `size` (h, w) by Pillow's bilinear filter on the 8-bit
+    image, as the official code resizes its input (resize_input, and the dataset's random scale):
+    the values are rounded to 8-bit levels first, and the result is on 8-bit levels too."""
     if tuple(image.shape[-2:]) == tuple(size):
         return image
-    return quantize_8bit(F.interpolate(image, size=size, mode="bilinear", align_corners=False, antialias=True))
+    h, w = size
+    levels = image.detach().clamp(0, 1).mul(255).round().to(torch.uint8).cpu()  # [B, C, H, W]
+    resized = []
+    for one in levels:  # [C, H, W]
+        array = one.permute(1, 2, 0).numpy()  # [H, W, C]
+        pil = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+        out = np.asarray(pil.resize((w, h), Image.BILINEAR)).reshape(h, w, -1)  # [h, w, C]
+        resized.append(torch.from_numpy(out.copy()).permute(2, 0, 1))
+    return torch.stack(resized).to(device=image.device, dtype=image.dtype) / 255
 
 
 def resize_short_side(image: torch.Tensor, short_side: int) -> torch.Tensor:
