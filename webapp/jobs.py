@@ -10,6 +10,7 @@ command line that reproduces it.
     pretrained_nla_models/<name>/        atlases trained from uploaded videos (--atlases)
 """
 
+import math
 import queue
 import re
 import secrets
@@ -325,9 +326,11 @@ def whole_number(value, name: str, low: int, high: int | None = None) -> int:
         number = float(value)
     except (TypeError, ValueError):
         number = None
-    if number is None or number != int(number) or number < low or (high is not None and number > high):
+    whole = number is not None and math.isfinite(number) and number == int(number)
+    if not whole or number < low or (high is not None and number > high):
         limit = f"from {low} to {high}" if high is not None else f"of at least {low}"
-        raise ConfigError(f"{name} must be a whole number {limit}; got {value!r}")
+        shown = int(number) if whole else value  # 1e12 typed shows as 1000000000000
+        raise ConfigError(f"{name} must be a whole number {limit}; got {shown!r}")
     return int(number)
 
 
