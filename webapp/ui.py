@@ -59,6 +59,9 @@ CSS = """
   background-size: 16px 16px; }
 .t2l-step h3 { margin: 10px 0 0 0; }
 .t2l-hidden { display: none !important; }
+/* a queue note takes no room until it has something to say */
+#queue-note:not(:has(.t2l-queue)), #atlas-queue-note:not(:has(.t2l-queue)), #v-queue-note:not(:has(.t2l-queue)) {
+  display: none; }
 """
 
 
