@@ -186,6 +186,9 @@ def test_stop_takes_a_waiting_run_out_of_the_queue_and_places_count_the_runs_ahe
     assert board.stop("b") == "waiting" and not board.busy("b")
     assert board.place("c") == ("video", 1, 1)
     assert board.starting("b") is False  # its event, should it still leave the queue, does not run
+    board.submit("d", "image")
+    board.forget("d")  # its page was closed while it waited: it no longer counts as ahead of anyone
+    assert board.place("c") == ("video", 1, 1) and board.starting("d") is False
     job = jobs.Job(tmp_path)
     board.stop("a")  # pressed while "a" was starting (no Job yet): the Job stops as soon as it begins
     board.begin("a", job)

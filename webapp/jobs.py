@@ -278,6 +278,16 @@ class JobBoard:
             running = sum(1 for s in self._kinds if s not in self._waiting)
             return self._kinds[session], self._waiting.index(session) + running, len(self._waiting)
 
+    def forget(self, session: str):
+        """The page was closed: its waiting run no longer counts, its running job stops."""
+        with self._lock:
+            if session in self._waiting:
+                self._waiting.remove(session)
+                self._kinds.pop(session, None)
+            job = self._jobs.get(session)
+        if job is not None:
+            job.stop()
+
     def stop(self, session: str) -> str | None:
         """Stop the page's running job ("running"), or take its run out of the queue
         ("waiting"); None when the page has no run."""

@@ -313,7 +313,7 @@ def build_app(server: jobs.ServerSettings) -> gr.Blocks:
         return {"comp_text": jobs.optional_text(comp_text), "screen_text": jobs.optional_text(screen_text),
                 "src_text": jobs.optional_text(src_text), "bootstrap_text": jobs.optional_text(boot_text),
                 "steps": jobs.whole_number(n_steps, "steps", 1, jobs.MAX_STEPS),
-                "seed": jobs.whole_number(seed_value, "seed", -1),
+                "seed": jobs.whole_number(seed_value, "seed", -1, 2**32 - 1),
                 "device": device_name if device_name in devices else devices[0],
                 "preview_every": jobs.whole_number(every, "preview every", 1), "zip_checkpoints": bool(zip_all)}
 
@@ -631,6 +631,14 @@ def build_app(server: jobs.ServerSettings) -> gr.Blocks:
             return gr.Dropdown(choices=names, value=names[0] if names else None)
 
         app.load(refresh_atlases, None, atlas, concurrency_limit=None)
+
+        def page_closed(request: gr.Request):  # its place in the queue is given up, its run stops
+            board.forget(request.session_hash)
+            for per_session in (taken_out_kind, refusals):
+                per_session.pop(request.session_hash, None)
+            showing_place.discard(request.session_hash)
+
+        app.unload(page_closed)
     return app
 
 
