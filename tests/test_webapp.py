@@ -1,6 +1,7 @@
 """The web app's logic without a browser: upload checks, the stop flag, the progress estimate,
 and a run's zip (config snapshot + a command line that reproduces the run)."""
 
+import os
 import shlex
 import subprocess
 import sys
@@ -156,27 +157,42 @@ def test_a_failing_run_hands_its_error_over(tmp_path):
 
 def test_job_board_stops_only_the_sessions_own_job(tmp_path):
     board, mine, theirs = jobs.JobBoard(), jobs.Job(tmp_path), jobs.Job(tmp_path)
-    board.begin("me", mine)
-    board.begin("them", theirs)
+    for session, job in (("me", mine), ("them", theirs)):
+        assert board.submit(session, "image") and board.starting(session)
+        board.begin(session, job)
     assert board.stop("me") == "running" and mine.stopped and not theirs.stopped
-    board.end("me", mine)
-    assert board.stop("me") is None
+    board.finished("me")
+    assert board.stop("me") is None and not board.busy("me") and board.busy("them")
 
 
-def test_stop_cancels_a_run_still_waiting_in_the_queue(tmp_path):
+def test_a_page_has_one_run_and_a_second_press_is_neither_counted_nor_run(tmp_path):
     board = jobs.JobBoard()
-    board.submitted("me")  # queued behind someone else's run
-    assert board.stop("me") == "waiting"
-    assert board.starting("me") is False  # it leaves the queue cancelled: it never runs
-    board.submitted("me")  # the next run is not affected
-    assert board.starting("me") is True
-    assert board.stop("me") is None  # nothing running or waiting: nothing to cancel later
-    board.submitted("me")
-    assert board.starting("me") is True
-    # a run that starts before its submission is counted (an idle queue) is not left "waiting"
-    assert board.starting("you") is True
-    board.submitted("you")
-    assert board.stop("you") is None
+    assert board.submit("me", "image") is True
+    assert board.submit("me", "image") is False and board.submit("me", "video") is False  # ignored, not counted
+    assert board.starting("me") is True   # the counted run leaves the queue
+    assert board.starting("me") is False  # a second run of the page's, had one been queued, never runs
+    board.finished("me")
+    assert board.stop("me") is None       # Stop on an idle page: nothing to cancel, now or later
+    assert board.submit("me", "image") is True and board.starting("me") is True  # the next run is not affected
+
+
+def test_stop_takes_a_waiting_run_out_of_the_queue_and_places_count_the_runs_ahead(tmp_path):
+    board = jobs.JobBoard()
+    for session in ("a", "b", "c"):
+        board.submit(session, "image" if session != "c" else "video")
+    assert board.place("a") == ("image", 0, 3)  # next, nothing running: it starts in a moment
+    board.starting("a")
+    assert board.place("a") is None and board.place("b") == ("image", 1, 2) and board.place("c") == ("video", 2, 2)
+    assert board.stop("b") == "waiting" and not board.busy("b")
+    assert board.place("c") == ("video", 1, 1)
+    assert board.starting("b") is False  # its event, should it still leave the queue, does not run
+    board.submit("d", "image")
+    board.forget("d")  # its page was closed while it waited: it no longer counts as ahead of anyone
+    assert board.place("c") == ("video", 1, 1) and board.starting("d") is False
+    job = jobs.Job(tmp_path)
+    board.stop("a")  # pressed while "a" was starting (no Job yet): the Job stops as soon as it begins
+    board.begin("a", job)
+    assert job.stopped
 
 
 def test_time_left_excludes_the_start_up():
@@ -222,6 +238,14 @@ def test_image_job_zip_reproduces_the_run_from_the_command_line(server, cat_phot
         archive.extractall(tmp_path / "unpacked")
     assert {f"{run_name}/config.yaml", f"{run_name}/input.jpg", f"{run_name}/REPRODUCE.txt",
             f"{run_name}/final/edit_layer.png", f"{run_name}/model.pt", f"{run_name}/losses.csv"} <= names
+    # checkpoints and intermediate images only on request
+    run = out.zip.parent / run_name
+    assert (run / "checkpoints").is_dir() and (run / "intermediate").is_dir()
+    assert not any(n.split("/")[1] in ("checkpoints", "intermediate") for n in names)
+    full = jobs.zip_run(run, {}, out.command, checkpoints=True)
+    with zipfile.ZipFile(full) as archive:
+        assert f"{run_name}/checkpoints/last.pt" in archive.namelist()
+        assert any(n.startswith(f"{run_name}/intermediate/") for n in archive.namelist())
     unpacked = tmp_path / "unpacked" / run_name
     saved = yaml.safe_load((unpacked / "config.yaml").read_text())
     assert saved["seed"] == 2 and saved["comp_text"] == "golden cat" and saved["resize_input"] == 64
@@ -286,3 +310,139 @@ def test_a_run_refused_while_it_starts_leaves_no_job_folder(server, cat_photo):
         pass
     assert isinstance(job.error, ClipFileError) and job.result is None
     assert not job.folder.exists()
+
+
+# ---- issue 26: one line for every refusal -------------------------------------------------------
+
+def test_a_photo_over_pillows_decompression_limit_gets_its_one_line(tmp_path):
+    import struct
+    import zlib
+
+    def png_header(width, height):  # a valid PNG header (and one empty IDAT): no pixels decoded
+        def chunk(kind, data):
+            return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+                + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_header(20000, 20000))  # 400 megapixels: Pillow refuses to open it at all
+    with pytest.raises(InputError, match=r"^bomb.png is 400 megapixels; upload a photo of at most 40 megapixels$"):
+        check_photo(bomb)
+    bomb.write_bytes(png_header(10000, 10000))  # 100 megapixels: over Pillow's warning limit, under its error
+    with pytest.raises(InputError, match=r"10000x10000 \(100.0 megapixels\)"):
+        check_photo(bomb)
+
+
+def test_gif_is_not_offered_as_a_video(tmp_path):
+    from webapp.uploads import VIDEO_SUFFIXES
+    assert ".gif" not in VIDEO_SUFFIXES
+    gif = tmp_path / "clip.gif"
+    Image.new("RGB", (8, 8)).save(gif)
+    with pytest.raises(InputError, match="clip.gif is not a video file this app reads; upload one of: mp4, mov"):
+        check_video(gif)
+
+
+def test_messages_for_the_page_name_no_server_paths():
+    assert jobs.public_message("clip_model_name=/srv/app/models/my-clip.pt is not a CLIP ViT checkpoint: x\nmore") \
+        == "clip_model_name=my-clip.pt is not a CLIP ViT checkpoint: x"
+    assert jobs.public_message("frame /tmp/x/job/frames/00001.png is unreadable; see https://example.com/a/b") \
+        == "frame 00001.png is unreadable; see https://example.com/a/b"
+    assert jobs.public_message("there is no atlas in /srv/atlases/; pick one") == "there is no atlas in a folder; pick one"
+
+
+def test_steps_are_bounded_with_their_range():
+    with pytest.raises(ConfigError, match=f"steps must be a whole number from 1 to {jobs.MAX_STEPS}; got 1000000000000$"):
+        jobs.whole_number(1e12, "steps", 1, jobs.MAX_STEPS)
+    assert jobs.whole_number(jobs.MAX_STEPS, "steps", 1, jobs.MAX_STEPS) == jobs.MAX_STEPS
+
+
+def test_an_atlas_without_masks_offers_only_its_background(server, tmp_path):
+    with_masks, without = server.atlases / "swan", server.atlases / "clip"
+    for folder, masks in ((with_masks, "'masks'"), (without, "null")):
+        folder.mkdir(parents=True)
+        (folder / "checkpoint").write_bytes(b"")
+        (folder / "config.yaml").write_text(f"video: clip.mp4\nmasks: {masks}\n")
+    assert jobs.atlas_layers(with_masks) == ["foreground", "background"]
+    assert jobs.atlas_layers(without) == ["background"]
+    request = jobs.VideoRequest("clip", "foreground", "snow", None, None, None, 4, 0, "cpu", 2)
+    with pytest.raises(InputError, match="'clip' was trained without object masks, so it has no foreground layer; "
+                                         "edit its background") as refused:
+        jobs.check_video_request(request, server)
+    assert "mask_alpha_threshold" not in str(refused.value)
+    with pytest.raises(InputError, match=r"there is no atlas 'gone' in atlases/; pick one") as refused:
+        jobs.atlas_folder(server, "gone")
+    assert str(tmp_path) not in str(refused.value)
+
+
+def test_the_settings_file_is_named_in_its_messages_not_the_command_line(tmp_path):
+    path = tmp_path / "settings.yaml"
+    path.write_text("video: {n_agu: 2}\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'n_agu' in settings file settings.yaml \(section "
+                                          r"video\); did you mean 'n_aug'") as refused:
+        jobs.read_settings_file(path)
+    assert "command line" not in str(refused.value)
+    path.write_text("image: {n_aug: -3}\n")
+    with pytest.raises(ConfigError, match=r"^settings file settings.yaml, section image: .*n_aug") as refused:
+        jobs.read_settings_file(path)
+    assert "command line" not in str(refused.value)
+
+
+def run_app(*args, timeout=60):
+    return subprocess.run([sys.executable, str(REPO / "app.py"), *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+
+
+def test_app_refuses_a_results_place_it_cannot_use_in_one_line(tmp_path):
+    taken = tmp_path / "results.txt"
+    taken.write_text("x")
+    done = run_app("--results", taken, "--port", 1)  # the port is checked first: 1 cannot be listened on
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    free = socket_port()
+    done = run_app("--results", taken, "--port", free)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr == f"error: --results {taken} is a file, not a folder; give a folder (it is made if missing)\n"
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    # a read-only folder; as root (who writes anywhere) /sys, where no folder can be made
+    place = locked if not os.access(locked, os.W_OK) else Path("/sys")
+    done = run_app("--results", place / "new" / "runs", "--port", free)
+    assert done.returncode == 2 and done.stderr.startswith(f"error: --results {place}/new/runs cannot be written")
+    assert done.stderr.count("\n") == 1 and not (place / "new").exists()
+
+
+def socket_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_app_on_a_port_in_use_says_so_in_one_line_and_leaves_nothing(tmp_path):
+    import socket
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = run_app("--port", port, "--results", tmp_path / "results")
+    assert done.returncode == 2 and "Traceback" not in done.stderr and "GRADIO_SERVER_PORT" not in done.stderr
+    assert done.stderr == (f"error: port {port} on 127.0.0.1 is in use (another app.py?); stop that one, or give "
+                           f"another port, e.g. --port {port + 1}\n")
+    assert not (tmp_path / "results").exists()
+
+
+def test_app_refuses_a_clip_file_that_is_not_clip_at_start_up(tmp_path, cat_photo, tiny_clip_file):
+    assert jobs.check_clip_file(tiny_clip_file) == str(Path(tiny_clip_file).resolve())
+    not_clip = tmp_path / "weights.pt"
+    torch.save({"layer.weight": torch.zeros(2, 2)}, not_clip)
+    for wrong in (cat_photo, not_clip):
+        done = run_app("--clip", wrong, "--port", socket_port(), "--results", tmp_path / "results")
+        assert done.returncode == 2 and done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+        assert done.stderr.startswith(f"error: --clip {wrong} is ") and "clip_model_name" not in done.stderr
+        assert done.stderr.endswith("give OpenAI's ViT-B-32.pt, or leave --clip out to download ViT-B/32\n")
+        assert not (tmp_path / "results").exists()
+
+
+def test_number_fields_refuse_infinity_and_nan_in_one_line():
+    for value in ("inf", "nan", None, "ten"):
+        with pytest.raises(ConfigError, match="steps must be a whole number from 1 to"):
+            jobs.whole_number(value, "steps", 1, jobs.MAX_STEPS)

@@ -3,7 +3,8 @@ Playwright in Debian's Chromium (apt-get install chromium; .ci/run installs it).
 the reason, only where no Chromium binary is found (and failed then under .ci/run).
 
 The tests share one page and run in file order (bad upload, image, video); the last one writes
-a screenshot of each tab to docs/ for the README.
+a screenshot of each tab to docs/ for the README. They assert what a user sees: an element's
+visibility (and that nothing covers it), its text, the files they download.
 """
 
 import os
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +56,8 @@ def app(tmp_path_factory, tiny_clip_file):
         [sys.executable, str(REPO / "app.py"), "--port", str(port), "--clip", str(tiny_clip_file),
          "--results", str(root / "results"), "--atlases", str(root / "atlases"),
          "--settings", str(root / "settings.yaml")],
-        cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_TEMP_DIR": str(root / "gradio-cache")})
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 120
     while True:
@@ -66,7 +69,7 @@ def app(tmp_path_factory, tiny_clip_file):
                 process.kill()
                 pytest.fail(f"the app did not start:\n{(root / 'app.log').read_text()[-3000:]}")
             time.sleep(0.5)
-    yield url, root / "results"
+    yield url, root / "results", root / "gradio-cache"
     process.terminate()
     process.wait(timeout=30)
     log.close()
@@ -102,6 +105,16 @@ def wait_for_text(page, selector: str, text: str):
                            timeout=TIMEOUT_MS)
 
 
+def seen(locator, text: str | None = None):
+    """The element is shown to the user: visible, with `text`, and nothing covers it (a trial
+    click checks that it would receive the click)."""
+    locator.wait_for(state="visible", timeout=TIMEOUT_MS)
+    if text is not None:
+        locator.filter(has_text=text).wait_for(state="visible", timeout=TIMEOUT_MS)
+    locator.click(trial=True, timeout=10_000)
+    return locator
+
+
 def fill(page, values: dict):
     for selector, value in values.items():
         page.fill(f"{selector} input, {selector} textarea", str(value))
@@ -128,6 +141,13 @@ def test_an_unreadable_upload_shows_the_message_and_writes_nothing(page, app, tm
     toast.get_by_role("button").last.click()  # errors stay until closed (x)
     toast.wait_for(state="detached")
     assert page.locator("[data-testid='toast-body']").filter(has_text="no photo").count() == 0
+    # a photo over Pillow's decompression limit: its size in one line, not a bare "Error"
+    bomb = tmp_path / "huge.png"
+    Image.new("1", (20000, 20000)).save(bomb)  # 400 megapixels in a few kB
+    page.set_input_files("#photo input[type=file]", str(bomb))
+    seen(page.locator("#photo-note .t2l-refused"), "huge.png is 400 megapixels; upload a photo of at most 40")
+    assert page.locator("#photo-note").inner_text().strip() == \
+        "huge.png is 400 megapixels; upload a photo of at most 40 megapixels"
     page.get_by_text("cat with leopard fur").first.click()  # the example's photo back, for the screenshot
     assert sorted(app[1].iterdir()) == before
 
@@ -149,28 +169,45 @@ def test_image_tab_runs_shows_progress_and_previews_stops_and_downloads(page, br
     assert page.input_value("#comp textarea") == "cat with leopard fur"
     assert page.input_value("#screen textarea") == "leopard fur" and page.input_value("#bootstrap textarea") == "cat"
     page.wait_for_selector("#photo img")
-    fill(page, {"#steps": 5000, "#size": 64, "#preview-every": 5})
 
-    # a long run, stopped: it ends cleanly with the result so far
+    # steps beyond the page's bound: refused at once, and the progress line says why
+    fill(page, {"#steps": 10**12, "#size": 64, "#preview-every": 5})
     page.click("#run")
+    why = "steps must be a whole number from 1 to 100000; got 1000000000000"
+    seen(page.locator("#progress .t2l-failed"), f"refused: {why}")
+    toast = page.locator("[data-testid='toast-body']").filter(has_text=why)
+    toast.wait_for()
+    toast.get_by_role("button").last.click()
+    assert page.is_enabled("#run")
+
+    # a long run, stopped: it ends cleanly with the result so far; a second press is not counted
+    fill(page, {"#steps": 5000})
+    page.dblclick("#run")
     wait_for_text(page, "#progress", "/ 5000")
-    # meanwhile another user's run waits in the queue, and their page says so
+    assert page.is_disabled("#run")  # one run per page: Run comes back when it ends
+    # meanwhile another user's run waits in the queue, and their page says where, where it can be seen
     other = queue_a_short_run(browser, app[0])
-    wait_for_text(other, "#progress", "queue: 1/1")
+    seen(other.locator("#queue-note .t2l-queue"), "Waiting in the queue: 1 run ahead of yours")
     assert "/ 5000" in page.inner_text("#progress")  # one run at a time
-    # a third user queues a run and thinks better of it: Stop cancels it while it waits
+    # a third user queues a run and thinks better of it: Stop takes it out of the queue
     third = queue_a_short_run(browser, app[0])
-    wait_for_text(third, "#progress", "queue: 2/2")
+    seen(third.locator("#queue-note .t2l-queue"), "2 runs ahead of yours")
     third.click("#stop")
-    third.locator("[data-testid='toast-body']").filter(has_text="it will not start").wait_for()
+    seen(third.locator("#queue-note .t2l-queue"), "Stopped while waiting in the queue: your run will not start.")
+    third.wait_for_function("!document.querySelector('#run').disabled")
+    third.click("#stop")  # Stop on an idle page does nothing: no message, nothing cancelled later
     page.click("#stop")
     wait_for_text(page, "#progress", "stopped: step")
     done = int(page.inner_text("#progress").split("step ")[1].split(" /")[0])
     assert 5 <= done < 5000 and done % 5 == 0
     wait_for_text(page, "#command", f"n_epochs={done}")
     wait_for_text(other, "#progress", "done: step 4 / 4")  # the queued run went next
-    wait_for_text(third, "#progress", "stopped while waiting in the queue")  # and the cancelled one never ran
-    assert len(list(app[1].glob("image-*"))) == 2
+    assert other.locator("#queue-note .t2l-queue").count() == 0  # its place in the queue is gone with it
+    assert third.locator("[data-testid='toast-body']").count() == 0
+    # the third user's next run is theirs and runs (the idle Stop cancelled nothing)
+    third.click("#run")
+    wait_for_text(third, "#progress", "done: step 4 / 4")
+    assert len(list(app[1].glob("image-*"))) == 3  # the double press and the run taken out of the queue never ran
     other.close()
     third.close()
     layer = download(page, "#downloads a[download='edit_layer.png']", tmp_path / "stopped")
@@ -178,6 +215,7 @@ def test_image_tab_runs_shows_progress_and_previews_stops_and_downloads(page, br
         assert img.mode == "RGBA" and img.size == (96, 64)  # 451x300 cat, short side 64
 
     # a short run to its end: progress with the time left, live previews, results, downloads
+    page.wait_for_function("!document.querySelector('#run').disabled")
     fill(page, {"#steps": 30})
     page.click("#run")
     wait_for_text(page, "#progress", "/ 30 ·")
@@ -186,12 +224,25 @@ def test_image_tab_runs_shows_progress_and_previews_stops_and_downloads(page, br
     assert page.locator("#edit-over-green img").count() == 1 and page.locator("#alpha img").count() == 1
     wait_for_text(page, "#progress", "done: step 30 / 30")
     page.wait_for_selector("#loss-plot img")
+    # the RGBA edit layer is shown over a checkerboard, not over white
+    background = page.eval_on_selector("#edit-layer img", "e => getComputedStyle(e).backgroundImage")
+    assert "conic-gradient" in background
+    assert "gradient" not in page.eval_on_selector("#composite img", "e => getComputedStyle(e).backgroundImage")
     layer = download(page, "#downloads a[download='edit_layer.png']", tmp_path)
     with Image.open(layer) as img:
         assert img.format == "PNG" and img.mode == "RGBA" and img.size == (96, 64)
-    assert page.locator("#downloads a[download$='.zip']").count() == 1
     assert "n_epochs" not in page.inner_text("#command")
     assert page.inner_text("#command").strip().endswith("results_folder=results")
+    # the zip: config, input, final images, model and loss log; no checkpoints unless asked for
+    archive = download(page, "#downloads a[download$='.zip']", tmp_path)
+    with zipfile.ZipFile(archive) as z:
+        parts = {name.split("/", 1)[1] for name in z.namelist()}
+    assert {"config.yaml", "input.jpg", "final/composite.png", "final/edit_layer.png", "model.pt", "losses.csv",
+            "REPRODUCE.txt"} <= parts
+    assert not any(part.startswith(("checkpoints/", "intermediate/")) for part in parts)
+    # downloads and previews are served from the results folder: Gradio's cache holds only uploads
+    cached = [p.name for p in app[2].rglob("*") if p.is_file()]
+    assert not [name for name in cached if name.endswith(".zip") or name in ("composite.png", "edit_layer.png")]
 
 
 def test_video_tab_trains_an_atlas_from_an_upload_and_edits_it(page, app, tmp_path):
@@ -202,15 +253,33 @@ def test_video_tab_trains_an_atlas_from_an_upload_and_edits_it(page, app, tmp_pa
     imageio.mimwrite(video, [photo[100:164, 10 * t:10 * t + 96] for t in range(6)], fps=5, macro_block_size=16)
 
     page.get_by_role("tab", name="Video").click()
+    # the tab is its two steps, each with its settings on the left and what it shows on the right
+    step_1, step_2 = page.get_by_role("heading", name="1. An atlas"), page.get_by_role("heading", name="2. The edit")
+    seen(step_1)
+    assert page.locator("#v-comp").bounding_box()["y"] > step_2.bounding_box()["y"] > \
+        page.locator("#atlas-run").bounding_box()["y"]
+    for left, right in (("#atlas", "#atlas-preview"), ("#atlas-run", "#atlas-progress"), ("#v-comp", "#v-progress"),
+                        ("#v-run", "#v-preview")):
+        assert page.locator(right).bounding_box()["x"] >= sum(
+            page.locator(left).bounding_box()[k] for k in ("x", "width")), (left, right)
+    # the CPU note gives the video's own defaults, the comp text's hint speaks of a video
+    seen(page.get_by_text("so the video defaults are small too: an atlas of 2000 steps at 240 px"))
+    seen(page.locator("#v-comp").get_by_text("What every frame of the edited video shows"))
+    # GIF is not offered as a video
+    assert ".gif" not in (page.get_attribute("#video-file input[type=file]", "accept") or "")
+
     page.set_input_files("#video-file input[type=file]", str(video))
     page.wait_for_selector("#video-file a[download]")
     fill(page, {"#atlas-steps": 20, "#atlas-size": 32})
-    page.click("#train-atlas")
+    page.click("#atlas-run")
     wait_for_text(page, "#atlas-progress", "atlas 'coffee' done")
     page.wait_for_selector("#atlas-preview img")
     assert page.input_value("#atlas input") == "coffee"
+    # trained without masks: it has only a background layer, and the page picks it
+    seen(page.locator("#layer").get_by_text("trained without object masks: it has only a background layer"))
+    assert page.locator("#layer input[type=radio]").count() == 1
+    assert page.locator("#layer input[value='background']").is_checked()
 
-    page.get_by_label("background").check()
     fill(page, {"#v-comp": "a table covered in snow", "#v-screen": "snow", "#v-steps": 4, "#v-preview-every": 2})
     page.click("#v-run")
     wait_for_text(page, "#v-progress", "done: step 4 / 4")
@@ -221,6 +290,7 @@ def test_video_tab_trains_an_atlas_from_an_upload_and_edits_it(page, app, tmp_pa
     assert {"edited.mp4", "side_by_side.mp4", "edit_layer.webm", "atlas_edited.png"} <= names
     webm = download(page, "#v-downloads a[download='edit_layer.webm']", tmp_path)
     assert webm.read_bytes()[:4] == b"\x1a\x45\xdf\xa3"  # a Matroska/WebM file
+    assert "conic-gradient" in page.eval_on_selector("#alpha-video video", "e => getComputedStyle(e).backgroundImage")
 
     # the end of the run: a screenshot of each tab for the README
     for tab, name in (("Video", "webapp_video.png"), ("Image", "webapp_image.png")):

@@ -10,6 +10,7 @@ command line that reproduces it.
     pretrained_nla_models/<name>/        atlases trained from uploaded videos (--atlases)
 """
 
+import math
 import queue
 import re
 import secrets
@@ -32,6 +33,10 @@ CPU_DEFAULTS = {"steps": 120, "size": 256, "preview_every": 10, "video_steps": 6
                 "atlas_steps": 2000, "atlas_size": 240}
 GPU_DEFAULTS = {"steps": 1000, "size": 512, "preview_every": 50, "video_steps": 3000, "video_preview_every": 100,
                 "atlas_steps": 20000, "atlas_size": 432}
+# the most steps a page may ask for: 100 times the GPU defaults (days of training), so a slip of the
+# keyboard (10^12 steps) is refused with its range instead of queueing a run that never ends
+MAX_STEPS = 100_000
+MAX_ATLAS_STEPS = 2_000_000
 
 
 def available_devices() -> list[str]:
@@ -60,18 +65,70 @@ class ServerSettings:
 
 
 def read_settings_file(path) -> dict:
-    """A YAML file of config keys for every run, by kind: {image: {...}, video: {...}, atlas: {...}}."""
-    from util.config import load_config, read_yaml
-    data = read_yaml(path)
+    """A YAML file of config keys for every run, by kind: {image: {...}, video: {...}, atlas: {...}}.
+    A wrong key or value is named with the file and its section."""
+    from util.config import CONFIG_DIR, load_config, merge, read_yaml
+    data = read_yaml(path, "settings file")
+    name = Path(path).name
     unknown = sorted(set(data) - {"image", "video", "atlas"})
     if unknown:
-        raise ConfigError(f"{path}: unknown section '{unknown[0]}'; use image:, video: and atlas: sections of "
-                          "config keys")
+        raise ConfigError(f"settings file {name}: unknown section '{unknown[0]}'; use image:, video: and atlas: "
+                          "sections of config keys")
     for kind, keys in data.items():
         if keys is not None and not isinstance(keys, dict):
-            raise ConfigError(f"{path}: section {kind}: must hold key: value pairs")
-        load_config("nla" if kind == "atlas" else kind, overrides=keys or {})  # an unknown key fails now
+            raise ConfigError(f"settings file {name}: section {kind}: must hold key: value pairs")
+        config_kind = "nla" if kind == "atlas" else kind
+        merge(read_yaml(CONFIG_DIR / f"{config_kind}_config.yaml"), keys or {}, f"settings file {name} (section {kind})")
+        try:
+            load_config(config_kind, overrides=keys or {})  # each value checked now, not at the first run
+        except ConfigError as e:
+            raise ConfigError(f"settings file {name}, section {kind}: {e}") from None
     return data
+
+
+def writable_folder(path, flag: str) -> tuple[Path, list]:
+    """The folder `path` (a command-line flag's value), made if missing and checked to be
+    writable; returns it and the folders made (to remove if the app does not start)."""
+    path = Path(path).expanduser().resolve()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{flag} {path} is a file, not a folder; give a folder (it is made if missing)")
+    made = [p for p in (path, *path.parents) if not p.exists()][::-1]
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{secrets.token_hex(4)}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        for folder in reversed(made):
+            shutil.rmtree(folder, ignore_errors=True)
+        raise ConfigError(f"{flag} {path} cannot be written ({e.strerror or type(e).__name__}); give a folder "
+                          "this user can write to") from None
+    return path, made
+
+
+def check_clip_file(path) -> str:
+    """--clip: the file loaded once at start-up, so that a wrong file is refused then and not at
+    every run; returns its absolute path."""
+    from models.clip import USE_VIT, build_model, read_state_dict
+    from util.errors import ClipFileError
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"--clip {path} does not exist; give a CLIP checkpoint file, or leave --clip out to "
+                          "download ViT-B/32")
+    try:
+        build_model(read_state_dict(path, f"--clip {path}"), f"--clip {path}")
+    except ClipFileError as e:
+        raise ClipFileError(str(e).replace(USE_VIT, "give OpenAI's ViT-B-32.pt, or leave --clip out to download "
+                                                    "ViT-B/32")) from None
+    return str(path.resolve())
+
+
+def public_message(text) -> str:
+    """A message for the web page: its first line, each absolute server path cut to its last part
+    (the page's user knows the names they gave, not the server's folders)."""
+    line = str(text).strip().splitlines()[0] if str(text).strip() else ""
+    return re.sub(r"(?<![\w:/.~-])/(?:[^\s'\"/,;()]+/)+([^\s'\"/,;()]*)",
+                  lambda m: m.group(1) or "a folder", line)
 
 
 # ---- a running job ---------------------------------------------------------------------------------
@@ -162,49 +219,90 @@ class Job:
 
 
 class JobBoard:
-    """Each browser session's running job, so that its Stop button finds it, and its runs still
-    waiting in the queue, so that Stop can cancel those too."""
+    """Which pages (browser sessions) have a run, and where it is: each page has at most one
+    run, waiting in the queue or running. A Run pressed while the page has one is ignored (the
+    page disables its Run buttons meanwhile); the waiting runs keep their order, so a page can
+    show its place in the queue; Stop finds the page's running job, or takes its run out of the
+    queue."""
 
     def __init__(self):
-        self._jobs = {}
-        self._waiting = {}       # session -> runs submitted but not started yet
-        self._cancelled = set()  # sessions whose waiting run Stop cancelled
+        self._jobs = {}       # session -> its running Job (once its checks passed)
+        self._kinds = {}      # session -> the kind of its run ("image", "video", "atlas"), waiting or running
+        self._waiting = []    # sessions whose run waits in the queue, first first
+        self._stop_asked = set()  # sessions whose Stop came while their run was starting (no Job yet)
         self._lock = threading.Lock()
 
-    def submitted(self, session: str):
-        """A run was submitted (it waits in the queue until it starts)."""
+    def submit(self, session: str, kind: str) -> bool:
+        """Run was pressed: the run joins the queue (True), or the page has a run already and
+        this one is ignored (False)."""
         with self._lock:
-            self._waiting[session] = self._waiting.get(session, 0) + 1
+            if session in self._kinds:
+                return False
+            self._kinds[session] = kind
+            self._waiting.append(session)
+            return True
 
     def starting(self, session: str) -> bool:
-        """A submitted run leaves the queue: False if Stop cancelled it while it waited."""
+        """A run leaves the queue: True for the page's submitted run, False for one that was
+        never counted (pressed while the page had a run) or was taken out of the queue."""
         with self._lock:
-            self._waiting[session] = self._waiting.get(session, 0) - 1
-            if session in self._cancelled:
-                self._cancelled.discard(session)
+            if session not in self._waiting:
                 return False
+            self._waiting.remove(session)
             return True
 
     def begin(self, session: str, job: Job):
         with self._lock:
             self._jobs[session] = job
+            if session in self._stop_asked:
+                self._stop_asked.discard(session)
+                job.stop()
 
-    def end(self, session: str, job: Job):
+    def finished(self, session: str):
+        """The page's run has ended (done, stopped, refused or failed): it may run again."""
         with self._lock:
-            if self._jobs.get(session) is job:
-                del self._jobs[session]
+            self._jobs.pop(session, None)
+            self._kinds.pop(session, None)
+            self._stop_asked.discard(session)
+
+    def busy(self, session: str) -> bool:
+        with self._lock:
+            return session in self._kinds
+
+    def place(self, session: str) -> tuple[str, int, int] | None:
+        """(kind, runs ahead, runs waiting) for the page's run waiting in the queue, else None.
+        The runs ahead count the one running, if any."""
+        with self._lock:
+            if session not in self._waiting:
+                return None
+            running = sum(1 for s in self._kinds if s not in self._waiting)
+            return self._kinds[session], self._waiting.index(session) + running, len(self._waiting)
+
+    def forget(self, session: str):
+        """The page was closed: its waiting run no longer counts, its running job stops."""
+        with self._lock:
+            if session in self._waiting:
+                self._waiting.remove(session)
+                self._kinds.pop(session, None)
+            job = self._jobs.get(session)
+        if job is not None:
+            job.stop()
 
     def stop(self, session: str) -> str | None:
-        """Stop the session's running job ("running"), else cancel its run waiting in the queue
-        ("waiting"); None when it has neither."""
+        """Stop the page's running job ("running"), or take its run out of the queue
+        ("waiting"); None when the page has no run."""
         with self._lock:
-            job = self._jobs.get(session)
-            if job is None and self._waiting.get(session, 0) > 0:
-                self._cancelled.add(session)
+            if session in self._waiting:
+                self._waiting.remove(session)
+                self._kinds.pop(session, None)
                 return "waiting"
-        if job is None:
-            return None
-        job.stop()
+            if session not in self._kinds:
+                return None
+            job = self._jobs.get(session)
+            if job is None:
+                self._stop_asked.add(session)
+        if job is not None:
+            job.stop()
         return "running"
 
 
@@ -238,9 +336,11 @@ def whole_number(value, name: str, low: int, high: int | None = None) -> int:
         number = float(value)
     except (TypeError, ValueError):
         number = None
-    if number is None or number != int(number) or number < low or (high is not None and number > high):
+    whole = number is not None and math.isfinite(number) and number == int(number)
+    if not whole or number < low or (high is not None and number > high):
         limit = f"from {low} to {high}" if high is not None else f"of at least {low}"
-        raise ConfigError(f"{name} must be a whole number {limit}; got {value!r}")
+        shown = int(number) if whole else value  # 1e12 typed shows as 1000000000000
+        raise ConfigError(f"{name} must be a whole number {limit}; got {shown!r}")
     return int(number)
 
 
@@ -276,6 +376,7 @@ class ImageRequest:
     seed: int
     device: str
     preview_every: int
+    zip_checkpoints: bool = False  # the zip also holds checkpoints/ and intermediate/ (larger)
 
 
 def image_config_keys(request: ImageRequest, server: ServerSettings) -> dict:
@@ -320,7 +421,7 @@ def run_image_job(request: ImageRequest, server: ServerSettings, job: Job, progr
     run, final = result.run_dir, result.run_dir / "final"
     stopped = result.steps < request.steps
     command = reproduce_command("image", run.name, photo.name, steps=result.steps if stopped else None)
-    zip_path = zip_run(run, {photo.name: photo}, command)
+    zip_path = zip_run(run, {photo.name: photo}, command, request.zip_checkpoints)
     curve = run / "loss_curve.png"
     return ImageOutputs(final / "composite.png", final / "edit_layer.png", final / "alpha.png",
                         final / "edit_over_green.png", curve if curve.is_file() else None, zip_path, command,
@@ -342,8 +443,23 @@ def atlas_folder(server: ServerSettings, name) -> Path:
     if not name:
         raise InputError("no atlas chosen; pick one from the list, or upload a video and train its atlas first")
     if name not in list_atlases(server.atlases):
-        raise InputError(f"there is no atlas '{name}' in {server.atlases}; pick one from the list")
+        raise InputError(f"there is no atlas '{name}' in {server.atlases.name}/; pick one from the list")
     return server.atlases / name
+
+
+def atlas_layers(folder: Path) -> list[str]:
+    """The layers of an atlas that can be edited: a folder trained without masks (its
+    config.yaml says masks: null) has only a background layer."""
+    config = Path(folder) / "config.yaml"
+    if config.is_file():
+        import yaml
+        try:
+            saved = yaml.safe_load(config.read_text()) or {}
+        except (yaml.YAMLError, OSError):
+            saved = {}
+        if isinstance(saved, dict) and "masks" in saved and saved["masks"] is None:
+            return ["background"]
+    return ["foreground", "background"]
 
 
 @dataclass
@@ -358,6 +474,7 @@ class VideoRequest:
     seed: int
     device: str
     preview_every: int
+    zip_checkpoints: bool = False
 
 
 def video_config_keys(request: VideoRequest, server: ServerSettings) -> dict:
@@ -366,9 +483,12 @@ def video_config_keys(request: VideoRequest, server: ServerSettings) -> dict:
 
 def check_video_request(request: VideoRequest, server: ServerSettings):
     from util.config import check_video_config, load_config
-    atlas_folder(server, request.atlas)
+    layers = atlas_layers(atlas_folder(server, request.atlas))
     if request.layer not in ("foreground", "background"):
         raise ConfigError(f"layer={request.layer!r}; use 'background' or 'foreground'")
+    if request.layer not in layers:
+        raise InputError(f"the atlas '{request.atlas}' was trained without object masks, so it has no foreground "
+                         "layer; edit its background, or make an atlas with masks")
     keys = {"comp_text": request.comp_text, "screen_text": request.screen_text, "src_text": request.src_text,
             "bootstrap_text": request.bootstrap_text, "n_epochs": request.steps, "seed": request.seed,
             "device": request.device, "finetune_foreground": request.layer == "foreground",
@@ -393,15 +513,22 @@ class VideoOutputs:
 def run_video_job(request: VideoRequest, server: ServerSettings, job: Job, progress) -> VideoOutputs:
     import text2live
     with removed_on_user_error(job.folder):
-        result = text2live.edit_video(atlas_folder(server, request.atlas), request.comp_text,
-                                      request.screen_text, request.src_text, request.bootstrap_text,
-                                      layer=request.layer, steps=request.steps, seed=request.seed,
-                                      device=request.device, overrides=video_config_keys(request, server),
-                                      progress=progress, out_dir=job.folder)
+        try:
+            result = text2live.edit_video(atlas_folder(server, request.atlas), request.comp_text,
+                                          request.screen_text, request.src_text, request.bootstrap_text,
+                                          layer=request.layer, steps=request.steps, seed=request.seed,
+                                          device=request.device, overrides=video_config_keys(request, server),
+                                          progress=progress, out_dir=job.folder)
+        except ConfigError as e:
+            if "mask_alpha_threshold" not in str(e):
+                raise
+            # the page has no mask_alpha_threshold to lower: say what it offers
+            raise InputError(f"the atlas '{request.atlas}' has no opaque foreground to edit (its foreground "
+                             "layer is empty); edit its background") from None
     run, final = result.run_dir, result.run_dir / "final"
     stopped = result.steps < request.steps
     command = reproduce_command("video", run.name, steps=result.steps if stopped else None)
-    zip_path = zip_run(run, {}, command)
+    zip_path = zip_run(run, {}, command, request.zip_checkpoints)
     atlases = [(final / f"{name}.png", caption) for name, caption in
                (("atlas_original", "atlas"), ("atlas_edited", "edited atlas"), ("atlas_edit_layer", "edit layer"))
                if (final / f"{name}.png").is_file()]
@@ -517,17 +644,26 @@ def reproduce_command(kind: str, run_name: str, input_name: str | None = None, s
     return shlex.join(args)
 
 
-def zip_run(run: Path, extra: dict, command: str) -> Path:
-    """<run>.zip beside the run folder: every file of the run (config.yaml is the resolved config
-    with the seed used), the `extra` files {name: path} and REPRODUCE.txt, all under <run>/."""
+# what a run folder holds besides its config, final images, model and loss log: in the zip only on request
+ZIP_ON_REQUEST = ("checkpoints", "intermediate")
+
+
+def zip_run(run: Path, extra: dict, command: str, checkpoints: bool = False) -> Path:
+    """<run>.zip beside the run folder, all under <run>/: the run's config.yaml (the resolved
+    config, with the seed used), final images, model, loss log and metrics, the `extra` files
+    {name: path} and REPRODUCE.txt; its checkpoints/ and intermediate/ images only when
+    `checkpoints` is set (they are most of a run's size)."""
     target = run.parent / f"{run.name}.zip"
     note = (f"Unpack this zip in the text2live repository and run:\n\n    {command}\n\n"
             "config.yaml holds every setting of the run, the seed included.\n")
 
+    def wanted(path: Path) -> bool:
+        return path.is_file() and (checkpoints or path.relative_to(run).parts[0] not in ZIP_ON_REQUEST)
+
     def write(tmp):
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
             for path in sorted(run.rglob("*")):
-                if path.is_file():
+                if wanted(path):
                     archive.write(path, f"{run.name}/{path.relative_to(run).as_posix()}")
             for name, path in extra.items():
                 archive.write(path, f"{run.name}/{name}")

@@ -4,6 +4,8 @@ Every check raises InputError (one of util.errors.USER_ERRORS) with a one-line m
 names the problem and the fix; the UI shows it as it is.
 """
 
+import re
+import warnings
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
@@ -13,7 +15,7 @@ from util.errors import InputError
 MAX_MEGAPIXELS = 40  # an uploaded photo or video frame, before any resizing
 MAX_UPLOAD_MB = 200  # any one upload (the server refuses larger ones before they arrive)
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
-VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".avi", ".mkv", ".gif")
+VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".avi", ".mkv")  # not GIF: the atlas reader does not take it
 MASK_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 
 
@@ -46,24 +48,41 @@ def _check_file_size(path: Path):
         raise InputError(f"{path.name} is {megabytes:.0f} MB; upload a file under {MAX_UPLOAD_MB} MB")
 
 
+def _too_large(name: str, width: int, height: int) -> InputError:
+    return InputError(f"{name} is {width}x{height} ({width * height / 1e6:.1f} megapixels); upload a photo of "
+                      f"at most {MAX_MEGAPIXELS} megapixels")
+
+
+def _over_pillows_limit(name: str, e: Exception) -> InputError:
+    """Pillow refuses to open an image far over its decompression limit (about 179 megapixels)
+    before we see its size: the size is in its message."""
+    found = re.search(r"\((\d+) pixels\)", str(e))
+    size = f"{int(found.group(1)) / 1e6:.0f} megapixels" if found else "over Pillow's decompression limit"
+    return InputError(f"{name} is {size}; upload a photo of at most {MAX_MEGAPIXELS} megapixels")
+
+
 def check_photo(path, name: str | None = None) -> tuple[int, int]:
     """An uploaded photo: a known image type, readable, at most MAX_MEGAPIXELS; returns (width,
-    height). `name` is the file's name as the user knows it (uploads get renamed)."""
+    height). `name` is the file's name as the user knows it (uploads get renamed). The size is
+    read from the header and compared before anything is decoded."""
     path = Path(path)
     name = name or path.name
     _check_suffix(Path(name), PHOTO_SUFFIXES, "photo")
     _check_file_size(path)
     try:
-        with Image.open(path) as img:  # reads the header only: the size is known before decoding
-            width, height = img.size
-            too_large = width * height > MAX_MEGAPIXELS * 1e6
-            if not too_large:
+        with warnings.catch_warnings():  # Pillow's decompression-bomb warning: the size is checked below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:  # reads the header only: the size is known before decoding
+                width, height = img.size
+                if width * height > MAX_MEGAPIXELS * 1e6:
+                    raise _too_large(name, width, height)
                 img.load()  # a truncated or corrupt file fails here
+    except Image.DecompressionBombError as e:
+        raise _over_pillows_limit(name, e) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        if isinstance(e, InputError):
+            raise
         raise InputError(f"{name} is not a readable image ({type(e).__name__}); upload a JPEG or PNG photo") from e
-    if too_large:
-        raise InputError(f"{name} is {width}x{height} ({width * height / 1e6:.1f} megapixels); upload a photo of "
-                         f"at most {MAX_MEGAPIXELS} megapixels")
     return width, height
 
 
