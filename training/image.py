@@ -22,7 +22,16 @@ from evaluation.runs import write_metrics_at_end
 from losses.clip_loss import Text2LiveLoss
 from models.clip import load_clip
 from models.generator import Generator, generator_config, generator_from_checkpoint, split_edit_layer
-from training.loop import fit, load_checkpoint, make_optimizer, new_run_dir, pick_device, resolve_seed, seed_run
+from training.loop import (
+    fit,
+    hold_run_dir,
+    load_checkpoint,
+    make_optimizer,
+    new_run_dir,
+    pick_device,
+    resolve_seed,
+    seed_run,
+)
 from util import compositing
 from util.config import ConfigError, check_image_config, public
 from util.files import replace_folder, save_atomic
@@ -141,15 +150,16 @@ def train(cfg: dict, run_dir: Path | None = None, state: dict | None = None, pro
         save_edit(edit, folder)
         return edit["composite"]
 
-    done = fit(cfg, run_dir, generator, optimizer, step_fn, snapshot_fn, rng, torch_gen, "train_image.py", state,
-               progress=progress)
-    save_atomic({"generator": generator.state_dict(), "generator_config": generator.config,
-                 "config": public(cfg), "step": done}, run_dir / "model.pt")
-    final = render_edit(generator, image)
-    final["input"] = image
-    save_edit(final, run_dir / "final")  # a run with final/ is complete
-    if cfg["write_metrics"]:
-        write_metrics_at_end(run_dir, clip, cfg["clip_model_name"])
+    with hold_run_dir(run_dir, "train_image.py"):  # the only writer of run_dir until its outputs are written
+        done = fit(cfg, run_dir, generator, optimizer, step_fn, snapshot_fn, rng, torch_gen, "train_image.py", state,
+                   progress=progress)
+        save_atomic({"generator": generator.state_dict(), "generator_config": generator.config,
+                     "config": public(cfg), "step": done}, run_dir / "model.pt")
+        final = render_edit(generator, image)
+        final["input"] = image
+        save_edit(final, run_dir / "final")  # a run with final/ is complete
+        if cfg["write_metrics"]:
+            write_metrics_at_end(run_dir, clip, cfg["clip_model_name"])
     print(f"done: {run_dir / 'final'}")
     return run_dir
 

@@ -249,6 +249,8 @@ def read_yaml(path, what: str = "config file", fix: str = "") -> dict:
     """A YAML file of key: value pairs (empty: {}); a one-line ConfigError names `what` is
     wrong, plus `fix` when the file is missing or holds no mapping."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{what} {path} is a folder, not a file{fix}")
     if not path.is_file():
         raise ConfigError(f"{what} {path} does not exist{fix}")
     try:
