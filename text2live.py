@@ -266,6 +266,7 @@ def edit_video(atlas, comp_text, screen_text=None, src_text=None, bootstrap_text
     from training.video import train
     if layer not in ("background", "foreground"):
         raise ConfigError(f"layer={layer!r}; use 'background' or 'foreground'")
+    _count("steps", steps, 1)
     checkpoint, from_atlas = atlas_settings(atlas)  # from_atlas: below config and arguments
     with _run_root(out_dir) as root:
         values = _overrides("video", {"comp_text": comp_text, "screen_text": screen_text, "src_text": src_text,
