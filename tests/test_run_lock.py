@@ -171,8 +171,10 @@ def test_kill_9_of_batch_ends_its_job(tmp_path, tiny_clip_file, cat_photo):
     jobs_file = tmp_path / "jobs.yaml"
     jobs_file.write_text(yaml.safe_dump({"jobs": [{"example_config": "golden_horse", "name": "long",
                                                    "overrides": job}]}))
+    # as `python batch.py jobs.yaml &` in a shell script starts it: with SIGINT ignored, which its
+    # jobs inherit (they must take SIGINT back to be stopped)
     batch = subprocess.Popen([sys.executable, "batch.py", str(jobs_file)], cwd=REPO, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+                             stderr=subprocess.DEVNULL, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         deadline, lock = time.time() + 240, None
         while time.time() < deadline and lock is None:  # the job holds its run folder once it trains

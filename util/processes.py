@@ -110,7 +110,7 @@ class FolderLock:
 
     def _take(self):
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": process_start(os.getpid()),
-              "command": " ".join(sys.argv)[:300], "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+              "command": " ".join(["python", *sys.argv])[:300], "since": time.strftime("%Y-%m-%d %H:%M:%S")}
         for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -181,7 +181,12 @@ def die_with_parent() -> None:
     SIGINT when the runner dies (Ctrl-C for the job: it checkpoints and stops), and stop now if
     it is already gone. Elsewhere (or outside Linux) nothing happens."""
     parent = os.environ.pop(PARENT_ENV, None)
-    if not parent or not sys.platform.startswith("linux"):
+    if not parent:
+        return
+    # the runner stops its job with SIGINT; a runner started in the background by a shell script
+    # (`python batch.py jobs.yaml &`) passes SIGINT on as ignored, so it is taken back here
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    if not sys.platform.startswith("linux"):
         return
     import ctypes
     PR_SET_PDEATHSIG = 1
