@@ -200,3 +200,26 @@ def test_kill_9_of_batch_ends_its_job(tmp_path, tiny_clip_file, cat_photo):
     assert not lock.exists()  # released on its way out
     assert (run_dir / "checkpoints" / "last.pt").is_file()  # Ctrl-C's checkpoint: the rerun resumes
     assert "interrupted after step" in (tmp_path / "runs" / "long" / "log.txt").read_text()
+
+
+def test_a_job_takes_one_ctrl_c_and_finishes_its_checkpoint_through_a_second():
+    """A dying multi-threaded batch sends the parent-death signal once per thread: the second
+    SIGINT must not cut the first one's checkpoint short."""
+    code = ("import os, sys, time\n"
+            "from util.processes import die_with_parent\n"
+            "die_with_parent()\n"
+            "print('ready', flush=True)\n"
+            "try:\n"
+            "    time.sleep(60)\n"
+            "except KeyboardInterrupt:\n"
+            "    time.sleep(1.0)  # writing the checkpoint\n"
+            "    print('checkpoint written', flush=True)\n")
+    job = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True,
+                           env={**os.environ, "TEXT2LIVE_PARENT_PID": str(os.getpid())},
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))  # as from `... &`
+    assert job.stdout.readline().strip() == "ready"
+    job.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    job.send_signal(signal.SIGINT)
+    out, _ = job.communicate(timeout=30)
+    assert "checkpoint written" in out

@@ -19,7 +19,9 @@ def save_failed(path, e: OSError) -> SaveError:
     elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         reason += "; write somewhere else, or make that place writable"
     elif e.errno in (errno.EEXIST, errno.ENOTDIR) and e.filename:
-        reason = f"{_file_in_the_way(Path(e.filename))} is a file where a folder is needed; choose another place"
+        in_the_way = _file_in_the_way(Path(e.filename))
+        return SaveError(f"could not write {path}: {in_the_way} is a file where a folder is needed; choose "
+                         "another place")
     return SaveError(f"could not write {path} ({reason}); the previous version, if any, is intact")
 
 

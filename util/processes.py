@@ -176,6 +176,11 @@ class FolderLock:
                     pass
 
 
+def _interrupt_once(signum, frame):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
 def die_with_parent() -> None:
     """In a job started by a job runner (PARENT_ENV holds the runner's pid): ask Linux to send
     SIGINT when the runner dies (Ctrl-C for the job: it checkpoints and stops), and stop now if
@@ -184,8 +189,10 @@ def die_with_parent() -> None:
     if not parent:
         return
     # the runner stops its job with SIGINT; a runner started in the background by a shell script
-    # (`python batch.py jobs.yaml &`) passes SIGINT on as ignored, so it is taken back here
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    # (`python batch.py jobs.yaml &`) passes SIGINT on as ignored, so it is taken back here. Only
+    # the first one counts: the parent-death signal comes again as each thread of a dying
+    # multi-threaded runner goes, and a second KeyboardInterrupt would cut the checkpoint short
+    signal.signal(signal.SIGINT, _interrupt_once)
     if not sys.platform.startswith("linux"):
         return
     import ctypes
