@@ -10,7 +10,7 @@ import argparse
 import sys
 from collections import Counter
 
-from evaluation.batch import run_batch
+from jobs.batch import run_batch
 from util.cli import run_cli
 from util.config import parse_overrides
 

@@ -32,17 +32,24 @@ def main(argv=None):
     if args.device == "auto":  # measuring is quick on a CPU too: no warning
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = pick_device(args.device, "evaluation")
-    clip = load_clip(args.clip, device).eval().requires_grad_(False)
-    rows, self_evaluated = evaluate_runs(args.runs, clip, args.clip)
+    clip = load_clip(args.clip, device, setting="--clip").eval().requires_grad_(False)
+    broken = []  # runs whose files turn out damaged: one line each, the others are measured
+    rows, self_evaluated = evaluate_runs(args.runs, clip, args.clip, failures=broken)
     columns = VIDEO_METRICS if "video" in kinds else IMAGE_METRICS
-    print(format_table(rows, columns))
-    print(f"note: {DINO_NOTE}")
+    if rows:
+        print(format_table(rows, columns))
+        print(f"note: {DINO_NOTE}")
     if self_evaluated:
         print(f"warning: {len(self_evaluated)} of {len(rows)} runs were trained with the evaluation CLIP "
               f"({args.clip}): self-evaluation favours the method; use another --clip for a fair comparison")
-    if args.json:
+    if args.json and rows:
         write_text_atomic(args.json, json.dumps(rows, indent=2) + "\n")
-        print(f"wrote {args.json}")
+        left_out = f" ({len(rows)} of {len(args.runs)} runs: the damaged ones are left out)" if broken else ""
+        print(f"wrote {args.json}{left_out}")
+    for error in broken:
+        print(f"error: {error}", file=sys.stderr)
+    if broken:
+        sys.exit(2)
     return rows
 
 

@@ -55,40 +55,83 @@ class VideoEdit:
 
 # ---- helpers ---------------------------------------------------------------------------------------
 
-def _image_file(image, folder: Path) -> str:
-    """A path for `image` (a path, a PIL image, or an HxWx3 uint8 / float array in [0, 1])."""
+def _image_array(image) -> np.ndarray | None:
+    """`image` (a PIL image, or an HxWx3 uint8 / float array in [0, 1]) checked and as an HxWx3
+    uint8 array; None for a file path (read, and checked, by training)."""
     if image is None:
         raise ConfigError("image_path is not set; give the photo to edit, e.g. image_path=data/images/horse.jpg")
     if isinstance(image, (str, Path)):
-        return str(image)
+        return None
     if isinstance(image, Image.Image):
-        array = np.asarray(image.convert("RGB"))
-    elif isinstance(image, np.ndarray):
-        array = image
-        if array.ndim == 2:
-            array = np.repeat(array[..., None], 3, axis=-1)
-        if array.ndim != 3 or array.shape[-1] not in (3, 4):
-            raise InputError(f"image array has shape {array.shape}; give an HxWx3 array (uint8, or float in [0, 1])")
-        array = array[..., :3]
-        if array.dtype != np.uint8:
-            if not np.issubdtype(array.dtype, np.floating):
-                raise InputError(f"image array has dtype {array.dtype}; give uint8, or float values in [0, 1]")
-            if np.nanmin(array) < 0 or np.nanmax(array) > 1 or np.isnan(array).any():
-                raise InputError("a float image array must hold values in [0, 1]")
-            array = (array * 255).round().astype(np.uint8)
-    else:
+        return np.asarray(image.convert("RGB"))
+    if not isinstance(image, np.ndarray):
         raise InputError(f"image is a {type(image).__name__}; give a file path, a PIL image or an HxWx3 array")
+    array = image
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=-1)
+    if array.ndim != 3 or array.shape[-1] not in (3, 4):
+        raise InputError(f"image array has shape {array.shape}; give an HxWx3 array (uint8, or float in [0, 1])")
+    array = array[..., :3]
+    if array.dtype == np.uint8:
+        return array
+    if not np.issubdtype(array.dtype, np.floating):
+        raise InputError(f"image array has dtype {array.dtype}; give uint8, or float values in [0, 1]")
+    if not np.isfinite(array).all():  # before min/max, which warn on NaN
+        raise InputError("the float image array holds NaN or infinite values; give values in [0, 1]")
+    if array.min() < 0 or array.max() > 1:
+        raise InputError("a float image array must hold values in [0, 1]")
+    return (array * 255).round().astype(np.uint8)
+
+
+@contextlib.contextmanager
+def _input_file(image, folder: Path):
+    """A file path for `image` while the block runs: the path itself, or an array written to
+    folder/inputs/input-<hash>.png, which is removed again (with the folders made for it) when
+    the block refuses the input (a user error), so refused input leaves nothing behind."""
+    array = _image_array(image)
+    if array is None:
+        yield str(image)
+        return
+    from util.errors import USER_ERRORS
     digest = hashlib.sha256(array.tobytes()).hexdigest()[:12]
     path = folder / "inputs" / f"input-{digest}.png"
+    made = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
+    existed = path.exists()
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.ascontiguousarray(array)).save(path)
-    return str(path)
+    try:
+        yield str(path)
+    except USER_ERRORS:
+        if not existed:
+            path.unlink(missing_ok=True)
+            for folder_made in made:  # innermost first; only folders left empty
+                with contextlib.suppress(OSError):
+                    folder_made.rmdir()
+        raise
 
 
-def _overrides(texts: dict, steps, seed, device, overrides) -> dict:
+def _count(name: str, value, low: int) -> int:
+    """An API argument that must be a whole number >= low, checked under its own name."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ConfigError(f"{name} must be a whole number >= {low}, got {value!r}")
+    return int(value)
+
+
+def _checked_overrides(kind: str, overrides) -> dict:
+    """The overrides argument: a dict of known config keys of `kind` (ConfigError naming it)."""
+    if overrides is None:
+        return {}
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"overrides must be a dict of config keys, not a {type(overrides).__name__}")
+    from util.config import CONFIG_DIR, merge, read_yaml
+    merge(read_yaml(CONFIG_DIR / f"{kind}_config.yaml"), overrides, "the overrides argument")
+    return overrides
+
+
+def _overrides(kind: str, texts: dict, steps, seed, device, overrides) -> dict:
     out = {k: v for k, v in texts.items() if v is not None}
-    out.update({"n_epochs": steps, "seed": seed, "device": device or "auto"})
-    out.update(overrides or {})
+    out.update({"n_epochs": _count("steps", steps, 1), "seed": seed, "device": device or "auto"})
+    out.update(_checked_overrides(kind, overrides))
     return out
 
 
@@ -103,7 +146,7 @@ def _config(kind: str, config, values: dict, base: dict | None = None) -> dict:
         name, config = Path(config).stem, read_yaml(config)
     config = dict(config)
     name = config.pop("_name", name)
-    cfg = load_config(kind, overrides={**(base or {}), **config, **values})
+    cfg = load_config(kind, overrides={**(base or {}), **config, **values}, source="the arguments")
     cfg["_name"] = name
     return cfg
 
@@ -171,15 +214,19 @@ def edit_image(image, comp_text, screen_text=None, src_text=None, bootstrap_text
     out_dir: where the run folder goes (as results_folder); None: nothing is kept on disk.
     """
     from training.image import train
+    from util.config import check_image_config
     with _run_root(out_dir) as root:
-        values = _overrides({"comp_text": comp_text, "screen_text": screen_text, "src_text": src_text,
-                             "bootstrap_text": bootstrap_text}, steps, seed, device, overrides)
+        values = _overrides("image", {"comp_text": comp_text, "screen_text": screen_text, "src_text": src_text,
+                                      "bootstrap_text": bootstrap_text}, steps, seed, device, overrides)
         if bootstrap_text is not None and "bootstrap_epoch" not in (overrides or {}):
             values["bootstrap_epoch"] = min(1000, steps)
         values["results_folder"] = str(root)
-        values["image_path"] = _image_file(image, root)
+        values["image_path"] = "<the image argument>"  # its file is written once the rest is checked
         cfg = _config("image", config, values)
-        run_dir = Path(train(cfg, progress=_progress_adapter(progress)))
+        check_image_config(cfg)
+        with _input_file(image, root) as image_path:
+            cfg["image_path"] = image_path
+            run_dir = Path(train(cfg, progress=_progress_adapter(progress)))
         return _image_result(run_dir / "final", _read_steps(run_dir), run_dir if out_dir is not None else None)
 
 
@@ -188,11 +235,12 @@ def atlas_settings(atlas) -> tuple[Path, dict]:
     what the folder's config.yaml says about its video: resx, resy, maximum_number_of_frames,
     video_path; empty for a folder without one, e.g. the paper's atlases)."""
     from util.image_io import resolve_data_path
-    checkpoint = Path(resolve_data_path(str(atlas)))  # data/... falls back to the shared data
-    folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
-    checkpoint = checkpoint / "checkpoint" if checkpoint.is_dir() else checkpoint
+    given = Path(resolve_data_path(str(atlas)))  # data/... falls back to the shared data
+    folder = given if given.is_dir() else given.parent
+    checkpoint = given / "checkpoint" if given.is_dir() else given
     if not checkpoint.is_file():
-        raise InputError(f"checkpoint_path {atlas} does not exist; give a train_nla.py output folder or its "
+        problem = "is a folder without a 'checkpoint' file" if given.is_dir() else "does not exist"
+        raise InputError(f"checkpoint_path {atlas} {problem}; give a train_nla.py output folder or its "
                          "checkpoint file (the paper's atlases: python -m util.download_data)")
     settings = {}
     saved = folder / "config.yaml"
@@ -218,10 +266,11 @@ def edit_video(atlas, comp_text, screen_text=None, src_text=None, bootstrap_text
     from training.video import train
     if layer not in ("background", "foreground"):
         raise ConfigError(f"layer={layer!r}; use 'background' or 'foreground'")
+    _count("steps", steps, 1)
     checkpoint, from_atlas = atlas_settings(atlas)  # from_atlas: below config and arguments
     with _run_root(out_dir) as root:
-        values = _overrides({"comp_text": comp_text, "screen_text": screen_text, "src_text": src_text,
-                             "bootstrap_text": bootstrap_text}, steps, seed, device, overrides)
+        values = _overrides("video", {"comp_text": comp_text, "screen_text": screen_text, "src_text": src_text,
+                                      "bootstrap_text": bootstrap_text}, steps, seed, device, overrides)
         values.update({"checkpoint_path": str(checkpoint), "results_folder": str(root),
                        "finetune_foreground": layer == "foreground", "finetune_background": layer == "background"})
         if video is not None:
@@ -248,7 +297,9 @@ def make_atlas(video, out_dir, masks=None, *, steps=None, size=None, seed=0, dev
     from util.config import check_nla_config, load_config
     values = {"seed": seed, "device": device or "auto"}
     if steps is not None:
-        values["iters_num"] = steps
+        values["iters_num"] = _count("steps", steps, 0)
+    if size is not None:
+        _count("size", size, 8)
     if size is not None:
         from datasets.video_data import source_size
         from util.image_io import resolve_data_path
@@ -257,8 +308,8 @@ def make_atlas(video, out_dir, masks=None, *, steps=None, size=None, seed=0, dev
         width, height = source_size(video) or (16, 9)
         scale = size / min(width, height)
         values["resx"], values["resy"] = (max(2, 2 * round(width * scale / 2)), max(2, 2 * round(height * scale / 2)))
-    values.update(overrides or {})
-    cfg = load_config("nla", overrides=values)
+    values.update(_checked_overrides("nla", overrides))
+    cfg = load_config("nla", overrides=values, source="the arguments")
     check_nla_config(cfg)
     from training.nla import train
     return Path(train(cfg, video, masks, out_dir, progress=_progress_adapter(progress)))
@@ -281,9 +332,10 @@ def render(run_dir, image=None, *, device=None, out_dir=None):
             from training.image import render as render_image
             values = {"render": str(model), "results_folder": str(root), "device": device or "auto"}
             values["resize_input"] = state.get("config", {}).get("resize_input", 512)
-            if image is not None:
-                values["image_path"] = _image_file(image, root)
-            out = Path(render_image(_config("image", None, values)))
+            with _input_file(image, root) if image is not None else contextlib.nullcontext() as image_path:
+                if image_path is not None:
+                    values["image_path"] = image_path
+                out = Path(render_image(_config("image", None, values)))
             return _image_result(out / "final", int(state.get("step", 0)), out if keep else None)
         from training.video import render as render_video
         key = "render_foreground" if state["layer"] == "foreground" else "render_background"

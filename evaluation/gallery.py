@@ -83,7 +83,7 @@ def _metrics(row: dict) -> str:
 
 
 def write_gallery(rows: list, out_dir: Path) -> Path:
-    """Write <out_dir>/gallery.html for summary rows (see evaluation.batch.result_row)."""
+    """Write <out_dir>/gallery.html for summary rows (see jobs.batch.result_row)."""
     out_dir = Path(out_dir)
     lines = [
         "<!doctype html>", '<html><head><meta charset="utf-8"><title>Text2LIVE batch</title>',

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from evaluation import metrics as m
@@ -41,9 +41,15 @@ class RunFrames:
 
 
 def _pixels(path: Path, mode: str) -> torch.Tensor:
-    """A PNG as [1, C, H, W] float in [0, 1]."""
-    with Image.open(path) as img:
-        array = np.asarray(img.convert(mode), dtype=np.float32) / 255
+    """A PNG as [1, C, H, W] float in [0, 1]; a damaged file is a one-line InputError."""
+    try:
+        with Image.open(path) as img:
+            array = np.asarray(img.convert(mode), dtype=np.float32) / 255
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        empty = path.is_file() and path.stat().st_size == 0
+        why = "an empty file" if empty else f"{type(e).__name__}: {str(e).splitlines()[0][:60]}" if str(e) else \
+            type(e).__name__
+        raise InputError(f"{path} is unreadable ({why}); the run folder is damaged: rerun the edit") from None
     if array.ndim == 2:
         array = array[..., None]
     return torch.from_numpy(array).permute(2, 0, 1)[None].contiguous()
@@ -179,14 +185,22 @@ def same_clip(name_a: str, name_b: str) -> bool:
     return a.is_file() and b.is_file() and a.resolve() == b.resolve()
 
 
-def evaluate_runs(run_dirs, clip, clip_name: str, progress: bool = True):
+def evaluate_runs(run_dirs, clip, clip_name: str, progress: bool = True, failures: list | None = None):
     """Measure run folders with one CLIP: a list of {"run": folder, metric: value}, and the runs
-    trained with that CLIP (self-evaluation). Every folder is checked before any is measured."""
+    trained with that CLIP (self-evaluation). Every folder is checked before any is measured.
+    failures (a list) given: a run whose files turn out damaged is left out and its one-line
+    InputError appended there, and the other runs are measured; else the error is raised."""
     for run_dir in run_dirs:
         run_config(run_dir)
     rows, self_evaluated = [], []
     for run_dir in tqdm(run_dirs, desc="evaluating", disable=not progress or len(run_dirs) < 2):
-        run = read_run(run_dir)
+        try:
+            run = read_run(run_dir)
+        except InputError as e:
+            if failures is None:
+                raise
+            failures.append(e)
+            continue
         rows.append({"run": str(Path(run_dir)), **evaluate_frames(run, clip, progress=progress)})
         if same_clip(clip_name, str(run.config.get("clip_model_name", ""))):
             self_evaluated.append(str(run_dir))

@@ -610,16 +610,31 @@ def resolve_checkpoint(name_or_path: str) -> Path:
                             f"nor an existing file; fix clip_model_name{hint}")
 
 
-def load_clip(name_or_path: str = "ViT-B/32", device="cpu") -> CLIP:
-    """A frozen CLIP in eval mode, float32, on `device`."""
-    path = resolve_checkpoint(name_or_path)
-    if name_or_path in CLIP_CHECKPOINTS:
-        source = f"the cached CLIP {name_or_path} file {path}"
-    else:
-        source = f"clip_model_name={name_or_path}"
-    model = build_model(read_state_dict(path, source), source)
+def load_clip(name_or_path: str = "ViT-B/32", device="cpu", setting: str = "clip_model_name") -> CLIP:
+    """A frozen CLIP in eval mode, float32, on `device`. setting: what the user set to choose
+    it (the config key clip_model_name, or a command line's flag such as --clip), as the error
+    messages name it."""
+    try:
+        path = resolve_checkpoint(name_or_path)
+        if name_or_path in CLIP_CHECKPOINTS:
+            source = f"the cached CLIP {name_or_path} file {path}"
+        else:
+            source = f"clip_model_name={name_or_path}"
+        model = build_model(read_state_dict(path, source), source)
+    except (DownloadError, FileNotFoundError) as e:
+        if setting == "clip_model_name":
+            raise
+        raise _named_as(e, setting) from None
     model = model.float().eval().requires_grad_(False)
     return model.to(device)
+
+
+def _named_as(error: Exception, setting: str) -> Exception:
+    """The same error with clip_model_name in its message written as `setting` (e.g. --clip)."""
+    message = str(error).replace("clip_model_name=", f"{setting} ").replace("clip_model_name", setting)
+    if isinstance(error, DownloadError):
+        return type(error)(message, reason=error.reason)
+    return type(error)(message)
 
 
 __all__ = ["CLIP", "ImageFeatures", "load_clip", "build_model", "read_state_dict", "random_clip",

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from evaluation import batch
+from jobs import batch
 from util.config import parse_overrides
 from util.errors import ConfigError
 

@@ -146,3 +146,24 @@ def test_evaluate_a_video_run(tiny_video_overrides, tiny_clip_file, tmp_path):
     assert 0 < row["input_warp_error"] < 0.05 and row["warp_error"] >= 0
     assert row["prompt_consistency"] == pytest.approx(row["clip_t"])  # Gen-1's definition is the mean CLIP-T
     assert -1 <= row["frame_consistency"] <= 1 and 0 <= row["alpha_coverage"] <= 1
+
+
+def test_evaluate_scores_every_readable_run_and_names_each_broken_one(image_run, tiny_clip_file, tmp_path, capsys):
+    truncated, empty = tmp_path / "truncated", tmp_path / "empty"
+    for copy in (truncated, empty):
+        shutil.copytree(image_run, copy)
+    composite = truncated / "final" / "composite.png"
+    composite.write_bytes(composite.read_bytes()[:200])  # cut short, as by a full disk or a bad copy
+    (empty / "final" / "input.png").write_bytes(b"")
+    out = tmp_path / "out.json"
+    with pytest.raises(SystemExit) as e:
+        run_cli(evaluate.main, [str(truncated), str(image_run), str(empty), "--clip", str(tiny_clip_file),
+                                "--json", str(out), "--device", "cpu"])
+    assert e.value.code == 2
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.startswith(("error", "Traceback"))]
+    assert len(errors) == 2 and all(line.startswith("error: ") for line in errors), captured.err
+    assert f"{composite} is unreadable" in errors[0] and "rerun the edit" in errors[0]
+    assert f"{empty / 'final' / 'input.png'} is unreadable (an empty file)" in errors[1]
+    assert image_run.name in captured.out and "1 of 3 runs: the damaged ones are left out" in captured.out
+    assert [row["run"] for row in json.loads(out.read_text())] == [str(image_run)]

@@ -1,12 +1,13 @@
 """The package layout: imports go one way
-(scripts -> webapp -> training -> evaluation -> losses/datasets -> models -> util)."""
+(scripts -> webapp/jobs -> training -> evaluation -> losses/datasets -> models -> util)."""
 
 import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 # evaluation sits below training: a run measures itself at its end (metrics.json)
-LEVEL = {"util": 0, "models": 1, "datasets": 2, "losses": 2, "evaluation": 3, "training": 4, "webapp": 5}
+LEVEL = {"util": 0, "models": 1, "datasets": 2, "losses": 2, "evaluation": 3, "training": 4, "webapp": 5,
+         "jobs": 5}
 
 
 def imported_packages(path: Path):

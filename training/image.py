@@ -22,11 +22,20 @@ from evaluation.runs import write_metrics_at_end
 from losses.clip_loss import Text2LiveLoss
 from models.clip import load_clip
 from models.generator import Generator, generator_config, generator_from_checkpoint, split_edit_layer
-from training.loop import fit, load_checkpoint, make_optimizer, new_run_dir, pick_device, resolve_seed, seed_run
+from training.loop import (
+    fit,
+    hold_run_dir,
+    load_checkpoint,
+    make_optimizer,
+    new_run_dir,
+    pick_device,
+    resolve_seed,
+    seed_run,
+)
 from util import compositing
 from util.config import ConfigError, check_image_config, public
 from util.files import replace_folder, save_atomic
-from util.image_io import read_image, resize_short_side, save_png
+from util.image_io import read_image, resize_short_side, resized_size, save_png
 from util.precision import autocast
 
 # An image above max_megapixels (after resize_input) is refused before anything is written: the
@@ -47,9 +56,10 @@ def load_generator(arch: dict, weights: dict, path) -> Generator:
         raise ConfigError(f"{path}: {e}") from e
 
 
-def load_input(cfg: dict, device) -> torch.Tensor:
-    image = resize_short_side(read_image(cfg["image_path"]), cfg["resize_input"])
-    H, W = image.shape[-2:]
+def check_input_size(H: int, W: int, cfg: dict) -> None:
+    """An image of H x W px, resized as training resizes it (resize_input), must be 32 px per
+    side or more and at most max_megapixels (ConfigError)."""
+    H, W = resized_size(H, W, cfg["resize_input"])
     if min(H, W) < 32:
         raise ConfigError(f"image is {H}x{W} px: too small to edit "
                           "(at least 32 px per side; raise resize_input)")
@@ -58,6 +68,14 @@ def load_input(cfg: dict, device) -> torch.Tensor:
         raise ConfigError(f"image is {H}x{W} px ({megapixels:.1f} MP) at resize_input={cfg['resize_input']}, over "
                           f"max_megapixels={cfg['max_megapixels']:g} (training needs ~10 GB per MP); set "
                           f"resize_input=512, or raise max_megapixels on a machine with more memory")
+
+
+def load_input(cfg: dict, device) -> torch.Tensor:
+    """The input photo resized to resize_input; its size is checked from the file's header
+    before the pixels are decoded."""
+    image = read_image(cfg["image_path"], size_check=lambda H, W: check_input_size(H, W, cfg))
+    image = resize_short_side(image, cfg["resize_input"])
+    check_input_size(*image.shape[-2:], cfg)  # EXIF turns and skimage: photos
     return image.to(device)
 
 
@@ -141,15 +159,16 @@ def train(cfg: dict, run_dir: Path | None = None, state: dict | None = None, pro
         save_edit(edit, folder)
         return edit["composite"]
 
-    done = fit(cfg, run_dir, generator, optimizer, step_fn, snapshot_fn, rng, torch_gen, "train_image.py", state,
-               progress=progress)
-    save_atomic({"generator": generator.state_dict(), "generator_config": generator.config,
-                 "config": public(cfg), "step": done}, run_dir / "model.pt")
-    final = render_edit(generator, image)
-    final["input"] = image
-    save_edit(final, run_dir / "final")  # a run with final/ is complete
-    if cfg["write_metrics"]:
-        write_metrics_at_end(run_dir, clip, cfg["clip_model_name"])
+    with hold_run_dir(run_dir, "train_image.py"):  # the only writer of run_dir until its outputs are written
+        done = fit(cfg, run_dir, generator, optimizer, step_fn, snapshot_fn, rng, torch_gen, "train_image.py", state,
+                   progress=progress)
+        save_atomic({"generator": generator.state_dict(), "generator_config": generator.config,
+                     "config": public(cfg), "step": done}, run_dir / "model.pt")
+        final = render_edit(generator, image)
+        final["input"] = image
+        save_edit(final, run_dir / "final")  # a run with final/ is complete
+        if cfg["write_metrics"]:
+            write_metrics_at_end(run_dir, clip, cfg["clip_model_name"])
     print(f"done: {run_dir / 'final'}")
     return run_dir
 

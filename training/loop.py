@@ -22,8 +22,9 @@ from tqdm import tqdm
 
 from util.config import public
 from util.errors import ConfigError, SaveError
-from util.files import save_atomic, save_failed, write_text_atomic
+from util.files import remove_quietly, save_atomic, save_failed, write_text_atomic
 from util.precision import gpu_fast_path
+from util.processes import FolderLock
 
 LOSS_COLUMNS = ["step", "total", "comp_text", "comp_dir", "screen", "structure", "sparsity",
                 "bootstrap", "lambda_bootstrap", "lr"]
@@ -73,15 +74,30 @@ def make_optimizer(params, cfg: dict):
 
 
 def new_run_dir(cfg: dict) -> Path:
+    """A new, empty run folder results_folder/<name>-<date>[-n] (two runs started in the same
+    second get two folders)."""
     root = Path(cfg["results_folder"])
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    run_dir = root / f"{cfg['_name']}-{stamp}"
-    n = 1
-    while run_dir.exists():
-        n += 1
-        run_dir = root / f"{cfg['_name']}-{stamp}-{n}"
-    run_dir.mkdir(parents=True)
-    return run_dir
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for n in range(1, 10000):
+            run_dir = root / (f"{cfg['_name']}-{stamp}" + (f"-{n}" if n > 1 else ""))
+            try:
+                run_dir.mkdir()
+                return run_dir
+            except FileExistsError:
+                continue
+    except OSError as e:  # a read-only place, or a file named like the folder
+        raise save_failed(root, e) from None
+    raise ConfigError(f"results_folder {root} already holds 9999 runs named {cfg['_name']}-{stamp}; "
+                      "choose another results_folder")
+
+
+def hold_run_dir(run_dir: Path, script: str) -> FolderLock:
+    """`with hold_run_dir(run_dir, script):` this process is the run folder's only writer from
+    here to the end of the block (its outputs included); a folder another live process is
+    writing (a second resume= of one run) is refused with one line naming that process."""
+    return FolderLock(run_dir, "run folder")
 
 
 def load_checkpoint(path: Path, what: str = "checkpoint") -> dict:
@@ -153,7 +169,7 @@ def plot_losses(csv_path: Path, png_path: Path, columns=LOSS_COLUMNS):
         fig.savefig(tmp, dpi=100)
         os.replace(tmp, png_path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
+        remove_quietly(tmp)
         raise save_failed(png_path, e) from None
     finally:
         plt.close(fig)
@@ -282,6 +298,7 @@ def resume_config(kind: str, run_dir, argv, script: str):
     from util.config import load_config, typed_overrides
     run_dir = Path(run_dir)
     state = check_resume(run_dir, script)
+    hold_run_dir(run_dir, script).check_free()  # refused now, before anything loads
     if (kind == "video") != ("layer" in state):
         other = "train_image.py" if kind == "video" else "train_video.py"
         raise ConfigError(f"resume={run_dir} is not a {kind} run; resume it with {other}")

@@ -32,7 +32,10 @@ from training.nla_init import pretrain_mappings
 from training.nla_optim import load_optimizer_state, make_optimizer
 from training.nla_step import TrainingStep
 from util.config import ConfigError, public
+from util.errors import USER_ERRORS
+from util.files import remove_quietly
 from util.precision import resolve_precision
+from util.processes import FolderLock
 from util.video_io import write_video
 
 
@@ -119,14 +122,48 @@ def file_megabytes(path: Path) -> float:
     return path.stat().st_size / 1e6
 
 
+def check_atlas_resume(cfg: dict, video_path, out_dir: Path):
+    """An atlas folder holding a checkpoint is continued only with its own video and size: what
+    its config.yaml names is compared before anything is read or written (ConfigError)."""
+    saved_path = out_dir / "config.yaml"
+    if not (out_dir / "checkpoint").is_file() or not saved_path.is_file():
+        return
+    try:
+        saved = yaml.safe_load(saved_path.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return  # NLAModel.from_checkpoint still checks the size
+    size = (saved.get("resx"), saved.get("resy"))
+    if None not in size and size != (cfg["resx"], cfg["resy"]):
+        raise ConfigError(f"{out_dir} holds an atlas of {size[0]}x{size[1]}, not {cfg['resx']}x{cfg['resy']}; set "
+                          f"resx={size[0]} resy={size[1]} to continue it, or choose another --out")
+    video = saved.get("video")
+    if video and Path(video).exists() and Path(video).resolve() != Path(video_path).resolve():
+        raise ConfigError(f"{out_dir} holds the atlas of {video}, not {video_path}; give --video {video} to continue "
+                          "it, or choose another --out")
+
+
 def train(cfg: dict, video_path, masks_path, out_dir, progress=None) -> Path:
     """Train (or resume) an atlas; write out_dir/checkpoint (the model), out_dir/optimizer_state
-    (Adam's state, for resuming) and the run's outputs.
+    (Adam's state, for resuming) and the run's outputs. This process is the folder's only writer
+    (util.processes.FolderLock); a resume refused (another video, size or frame count) leaves
+    the folder as it was.
     progress(iteration, total, preview) is called every evaluate_every steps, after the previews
     and the checkpoint are saved (preview: the middle frame's reconstruction, [1, 3, H, W]);
     returning False stops training there, and the outputs are written as at the end (the
     checkpoint holds the iterations done, so the same command resumes)."""
     out_dir = Path(out_dir)
+    with FolderLock(out_dir, "atlas folder"):
+        check_atlas_resume(cfg, video_path, out_dir)
+        before = set(out_dir.iterdir())
+        try:
+            return _train(cfg, video_path, masks_path, out_dir, progress)
+        except USER_ERRORS:
+            for path in set(out_dir.glob("flows_*")) - before:  # caches made for input that was then refused
+                remove_quietly(path)
+            raise
+
+
+def _train(cfg: dict, video_path, masks_path, out_dir: Path, progress=None) -> Path:
     device = pick_device(cfg["device"])
     data = VideoData(video_path, masks_path, cfg, out_dir, device)
     ckpt_path, opt_path = out_dir / "checkpoint", out_dir / OPTIMIZER_FILE

@@ -27,7 +27,16 @@ from losses.clip_loss import Text2LiveLoss
 from models.clip import load_clip
 from models.generator import split_edit_layer
 from training.image import load_generator, make_generator, save_edit
-from training.loop import fit, load_checkpoint, make_optimizer, new_run_dir, pick_device, resolve_seed, seed_run
+from training.loop import (
+    fit,
+    hold_run_dir,
+    load_checkpoint,
+    make_optimizer,
+    new_run_dir,
+    pick_device,
+    resolve_seed,
+    seed_run,
+)
 from util import compositing
 from util.alpha_video import FORMATS, write_alpha_video
 from util.colour import colour_jitter
@@ -192,14 +201,15 @@ def train(cfg: dict, run_dir: Path | None = None, state: dict | None = None, pro
             save_atomic(model_state(generator, cfg, video, step), run_dir / "checkpoints" / f"generator_step_{step:05d}.pt")
         return frame
 
-    done = fit(cfg, run_dir, generator, optimizer, step_fn, snapshot_fn, rng, torch_gen, "train_video.py", state,
-               extra_state={"layer": layer}, progress=progress)
-    save_atomic(model_state(generator, cfg, video, done), run_dir / "model.pt")
-    atlas_edit, layers = edit_video(generator, video, cfg["multiply_foreground_alpha"])
-    save_video_outputs(run_dir / "final", video.frames, [layers], cfg["fps"], atlas_images(video, atlas_edit),
-                       cfg["edit_layer_formats"])
-    if cfg["write_metrics"]:
-        write_metrics_at_end(run_dir, clip, cfg["clip_model_name"])
+    with hold_run_dir(run_dir, "train_video.py"):  # the only writer of run_dir until its outputs are written
+        done = fit(cfg, run_dir, generator, optimizer, step_fn, snapshot_fn, rng, torch_gen, "train_video.py", state,
+                   extra_state={"layer": layer}, progress=progress)
+        save_atomic(model_state(generator, cfg, video, done), run_dir / "model.pt")
+        atlas_edit, layers = edit_video(generator, video, cfg["multiply_foreground_alpha"])
+        save_video_outputs(run_dir / "final", video.frames, [layers], cfg["fps"], atlas_images(video, atlas_edit),
+                           cfg["edit_layer_formats"])
+        if cfg["write_metrics"]:
+            write_metrics_at_end(run_dir, clip, cfg["clip_model_name"])
     print(f"done: {run_dir / 'final'}")
     return run_dir
 

@@ -4,6 +4,7 @@ import sys
 import warnings
 
 from util.errors import USER_ERRORS, SaveError
+from util.processes import die_with_parent
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):
@@ -15,6 +16,7 @@ def run_cli(main, argv=None):
     failed write (a full disk) with status 1 and one line saying what failed."""
     warnings.formatwarning = _one_line_warning
     try:
+        die_with_parent()  # a job of batch.py ends with it
         main(argv)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)

@@ -249,6 +249,8 @@ def read_yaml(path, what: str = "config file", fix: str = "") -> dict:
     """A YAML file of key: value pairs (empty: {}); a one-line ConfigError names `what` is
     wrong, plus `fix` when the file is missing or holds no mapping."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{what} {path} is a folder, not a file{fix}")
     if not path.is_file():
         raise ConfigError(f"{what} {path} does not exist{fix}")
     try:
@@ -331,8 +333,9 @@ def resolve_example(name: str, kind: str) -> Path:
     raise ConfigError(f"example config '{name}' not found; {hint}examples: {', '.join(known)}")
 
 
-def load_config(kind: str, config=None, example=None, overrides=()) -> dict:
-    """Defaults (configs/<kind>_config.yaml) <- `config` <- example <- overrides (key=value strings or a dict)."""
+def load_config(kind: str, config=None, example=None, overrides=(), source: str = "the command line") -> dict:
+    """Defaults (configs/<kind>_config.yaml) <- `config` <- example <- overrides (key=value strings
+    or a dict); `source` names where the overrides came from in an error message."""
     defaults = read_yaml(CONFIG_DIR / f"{kind}_config.yaml")
     cfg = dict(defaults)
     if config is not None:
@@ -344,7 +347,7 @@ def load_config(kind: str, config=None, example=None, overrides=()) -> dict:
     if overrides:
         if not isinstance(overrides, dict):
             overrides = parse_overrides(overrides)
-        cfg = merge(cfg, overrides, "the command line")
+        cfg = merge(cfg, overrides, source)
     name = cfg.pop("_example", None) or (Path(config).stem if config else kind)
     cfg = validate(cfg, defaults, kind)
     cfg["_name"] = name

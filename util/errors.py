@@ -39,8 +39,13 @@ class SaveError(RuntimeError):
     """A file of the run could not be written; the previous version of it is intact."""
 
 
+class FolderInUseError(RuntimeError):
+    """Another live process is writing the run folder (util.processes.FolderLock)."""
+
+
 class VideoWriteError(RuntimeError):
     """ffmpeg could not write a video."""
 
 
-USER_ERRORS = (ConfigError, InputError, DownloadError, FileNotFoundError, PromptTooLongError, CheckpointError)
+USER_ERRORS = (ConfigError, InputError, DownloadError, FileNotFoundError, PromptTooLongError, CheckpointError,
+               FolderInUseError)

@@ -12,10 +12,34 @@ from util.errors import SaveError
 
 
 def save_failed(path, e: OSError) -> SaveError:
+    """The one-line SaveError for a write to `path` that failed with `e`, naming the fix."""
     reason = os.strerror(e.errno) if e.errno else str(e)
     if e.errno == errno.ENOSPC:
         reason += "; free some disk space"
+    elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        reason += "; write somewhere else, or make that place writable"
+    elif e.errno in (errno.EEXIST, errno.ENOTDIR) and e.filename:
+        in_the_way = _file_in_the_way(Path(e.filename))
+        return SaveError(f"could not write {path}: {in_the_way} is a file where a folder is needed; choose "
+                         "another place")
     return SaveError(f"could not write {path} ({reason}); the previous version, if any, is intact")
+
+
+def _file_in_the_way(path: Path) -> Path:
+    """The file that stands where `path` or a folder above it should be (else `path`)."""
+    for candidate in [path, *path.parents]:
+        if candidate.is_file():
+            return candidate
+    return path
+
+
+def remove_quietly(path: Path):
+    """Clean-up after a failed write: a place that refuses the removal too (read-only) keeps
+    the leftover, and the failure already reported is the one the user sees."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def write_atomic(write, path: Path):
@@ -28,7 +52,7 @@ def write_atomic(write, path: Path):
         write(tmp)
         os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
+        remove_quietly(tmp)
         raise save_failed(path, e) from None
 
 
@@ -54,7 +78,10 @@ def replace_folder(write, folder: Path):
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if old.exists() and not folder.exists():
-            os.replace(old, folder)
+            try:
+                os.replace(old, folder)
+            except OSError:
+                pass
         raise save_failed(folder, e) from None
     shutil.rmtree(old, ignore_errors=True)
 

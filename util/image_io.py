@@ -83,12 +83,26 @@ def _read_png_16bit(path, img) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)[None]
 
 
-def read_image(path) -> torch.Tensor:
+def bomb_limit() -> int:
+    """The most pixels an image file may have (Pillow's decompression-bomb error limit)."""
+    return 2 * (Image.MAX_IMAGE_PIXELS or 89_478_485)
+
+
+def _header_pixels(e: Exception) -> str:
+    """The pixel count a DecompressionBombError names (its header's width x height)."""
+    import re
+    found = re.search(r"\((\d+) pixels\)", str(e))
+    return f"{int(found.group(1)) / 1e6:.0f} megapixels" if found else "its header states too many pixels"
+
+
+def read_image(path, size_check=None) -> torch.Tensor:
     """An RGB image in [0, 1] as [1, 3, H, W] float32.
 
     Grayscale is expanded to RGB, transparency is composited over white, 16-bit files are
     scaled by 65535; each such conversion is reported with a warning. EXIF orientation
-    is applied.
+    is applied. size_check(height, width), when given, is called with the size the file's
+    header states before its pixels are decoded (it raises to refuse the image); a header
+    over Pillow's decompression-bomb limit is refused with one line, whatever size_check says.
     """
     path = str(path)
     if path.startswith("skimage:"):
@@ -102,8 +116,16 @@ def read_image(path) -> torch.Tensor:
         if os.path.isdir(path):
             raise InputError(f"image_path {path} is a folder; point image_path at an image file")
         try:
-            img = Image.open(path)
-            img.load()
+            with warnings.catch_warnings():  # the size is checked here, not by Pillow's warning
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img = Image.open(path)  # the header only
+                if size_check is not None:
+                    size_check(img.height, img.width)
+                img.load()
+        except Image.DecompressionBombError as e:
+            raise InputError(f"image_path {path} is too large to read ({_header_pixels(e)}, over the "
+                             f"{bomb_limit() / 1e6:.0f} MP an image file may have); downscale it first, e.g. to "
+                             "4000 px on its long side") from None
         except (UnidentifiedImageError, OSError, SyntaxError) as e:
             raise InputError(f"image_path {path} is not a readable image ({type(e).__name__}); "
                              "use a JPEG or PNG file") from e
@@ -159,15 +181,19 @@ def resize_8bit(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return torch.stack(resized).to(device=image.device, dtype=image.dtype) / 255
 
 
-def resize_short_side(image: torch.Tensor, short_side: int) -> torch.Tensor:
-    """[B, C, H, W] resized so min(H, W) == short_side (the long side int(short_side * long / short),
-    as torchvision's Resize computes it), bilinear on 8-bit levels; <= 0 keeps it."""
-    H, W = image.shape[-2:]
+def resized_size(H: int, W: int, short_side: int) -> tuple[int, int]:
+    """(H, W) with min(H, W) == short_side (the long side int(short_side * long / short), as
+    torchvision's Resize computes it); short_side <= 0 keeps the size."""
     if short_side <= 0 or min(H, W) == short_side:
-        return image
+        return H, W
     long_side = max(1, int(short_side * max(H, W) / min(H, W)))
-    size = (short_side, long_side) if H <= W else (long_side, short_side)
-    return resize_8bit(image, size)
+    return (short_side, long_side) if H <= W else (long_side, short_side)
+
+
+def resize_short_side(image: torch.Tensor, short_side: int) -> torch.Tensor:
+    """[B, C, H, W] resized so min(H, W) == short_side (resized_size), bilinear on 8-bit levels;
+    <= 0 keeps it."""
+    return resize_8bit(image, resized_size(*image.shape[-2:], short_side))
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:

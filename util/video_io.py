@@ -113,6 +113,8 @@ def read_masks(folder, n_frames: int, resx: int, resy: int, labels=None) -> torc
     images thresholded at 128 (white = object). Warns when no mask has any object pixel."""
     labels = check_mask_labels(labels)
     folder = Path(resolve_data_path(str(folder)))
+    if folder.is_file():
+        raise InputError(f"masks {folder} is a file; give the folder holding one mask image per frame")
     if not folder.is_dir():
         raise InputError(f"masks folder {folder} does not exist")
     files = list_frame_files(folder)[:n_frames]

@@ -15,6 +15,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,7 +26,8 @@ from tqdm import tqdm
 from evaluation.runs import VIDEO_METRICS, is_finished
 from util.config import CHECKS, CONFIG_DIR, REPO_ROOT, example_path, load_config, merge, read_yaml
 from util.errors import ConfigError, InputError
-from util.files import write_text_atomic
+from util.files import save_failed, write_text_atomic
+from util.processes import PARENT_ENV
 
 JOB_KEYS = ("example_config", "config", "kind", "name", "overrides")
 SUMMARY_COLUMNS = ["job", "kind", "status", "run_dir", "seconds", "error"] + VIDEO_METRICS
@@ -107,6 +109,8 @@ def read_jobs(path, common: dict | None = None) -> list:
         names.add(unique)
         jobs.append(Job(unique, kind, None if example is None else str(example),
                         None if config is None else str(config), {**overrides, **(common or {})}))
+    for kind in sorted({job.kind for job in jobs}) if common else ():  # a typo there is one error, not one per job
+        load_config(kind, overrides=dict(common))
     return jobs
 
 
@@ -169,8 +173,10 @@ def start_job(job: Job, out_dir: Path, device: str, env: dict | None = None, cwd
         log.flush()
         # its own session: a Ctrl-C in the terminal reaches the batch only, which passes exactly one
         # SIGINT on (a second one could cut the job's checkpoint short)
+        # PARENT_ENV: the job ends when this process does, even when it is killed (kill -9)
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True,
-                                   env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"})
+                                   env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1",
+                                        PARENT_ENV: str(os.getpid())})
     return Attempt(job, folder, process, offset, time.time())
 
 
@@ -196,12 +202,17 @@ def result_row(job: Job, status: str, run_dir=None, seconds=None, error="") -> d
     """A summary row; a finished run's metrics.json fills the metric columns."""
     row = {"job": job.name, "kind": job.kind, "status": status, "run_dir": str(run_dir or ""),
            "seconds": "" if seconds is None else round(seconds, 1), "error": error}
-    if run_dir is not None and (Path(run_dir) / "metrics.json").is_file():
+    metrics = Path(run_dir) / "metrics.json" if run_dir is not None else None
+    if metrics is not None and metrics.is_file():
         try:
-            values = json.loads((Path(run_dir) / "metrics.json").read_text())
+            values = json.loads(metrics.read_text())
+            if not isinstance(values, dict):
+                raise ValueError(f"it holds a {type(values).__name__}")
             row.update({k: values.get(k) for k in VIDEO_METRICS if k in values})
-        except (OSError, ValueError):
-            pass
+        except (OSError, ValueError) as e:
+            why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:80]
+            note = f"metrics unreadable: {metrics} ({why}); measure again with: python evaluate.py {run_dir}"
+            row["error"] = f"{error}; {note}" if error else note
     return row
 
 
@@ -400,6 +411,17 @@ def write_summary(rows: list, path: Path) -> None:
     write_text_atomic(path, buffer.getvalue())
 
 
+def check_out_dir(out_dir: Path) -> None:
+    """The output folder is made now and must take files: a file in its place or a read-only
+    place is a one-line SaveError before any job starts."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as e:
+        raise save_failed(out_dir, e) from None
+
+
 def run_batch(jobs_file, out_dir=None, ray_address: str | None = None, devices: list | None = None,
               ray_cpus: int | None = None, common: dict | None = None):
     """Run a jobs file; write summary.csv and gallery.html in out_dir (default: beside the jobs
@@ -408,6 +430,7 @@ def run_batch(jobs_file, out_dir=None, ray_address: str | None = None, devices: 
     from evaluation.gallery import write_gallery
     jobs = read_jobs(jobs_file, common)
     out_dir = Path(out_dir if out_dir is not None else Path(jobs_file).parent).resolve()
+    check_out_dir(out_dir)
     rows, todo = triage(jobs, out_dir)
     skipped = sum(r["status"] == "skipped" for r in rows.values())
     if skipped:
