@@ -256,8 +256,8 @@ def _clip_atlas(video, masks, layer: str, config, values: dict, atlas_keys: dict
     """edit_video without an atlas: check the edit's settings, then train (or reuse) the clip's
     atlas. Returns (the atlas folder, the clip, the edit's config without the keys that describe
     another video, named after the clip)."""
-    from training.atlas_cache import check_clip, clip_atlas, clip_name
     from training.atlas_cache import atlas_config as make_atlas_config
+    from training.atlas_cache import check_clip, clip_atlas, clip_name
     from util.config import CLIP_KEYS, check_video_config, read_yaml
     if video is None:
         raise ConfigError("edit_video needs an atlas (a train_nla.py output folder) or video= (a video file or a "

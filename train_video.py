@@ -22,8 +22,16 @@ from training.atlas_cache import clip_name
 from training.loop import resume_config
 from training.video import render, train
 from util.cli import run_cli
-from util.config import (ATLAS_PREFIX, CLIP_KEYS, ConfigError, check_video_config, config_parser, load_config,
-                         parse_overrides, split_atlas_overrides)
+from util.config import (
+    ATLAS_PREFIX,
+    CLIP_KEYS,
+    ConfigError,
+    check_video_config,
+    config_parser,
+    load_config,
+    parse_overrides,
+    split_atlas_overrides,
+)
 
 
 def main(argv=None):

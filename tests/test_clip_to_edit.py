@@ -48,7 +48,7 @@ def clip(tmp_path_factory):
 def edit_args(tiny_video_overrides, tmp_path):
     """The tiny edit settings without an atlas or a video (the command trains the clip's)."""
     keep = [a for a in tiny_video_overrides if not a.startswith(("checkpoint_path=", "video_path="))]
-    return [*keep, f"atlases_folder={tmp_path / 'atlases'}", "n_epochs=2", *TINY_ATLAS]
+    return [*keep, f"atlases_folder={tmp_path / 'atlases'}", "n_epochs=1", *TINY_ATLAS]
 
 
 def count_atlas_trainings(monkeypatch):
@@ -185,7 +185,7 @@ def test_api_edits_a_clip_without_an_atlas(clip, tiny_clip_file, tmp_path, capsy
                 "atlases_folder": str(tmp_path / "atlases"), "resx": 48, "resy": 32,
                 **{key: yaml.safe_load(value) for key, value in (a.split("=", 1) for a in TINY_ATLAS)}}
     # an example config for another video: its atlas, frame count and name are not used
-    result = text2live.edit_video(video=clip / "pan" / "frames", comp_text="snowy street", screen_text="snow", steps=2,
+    result = text2live.edit_video(video=clip / "pan" / "frames", comp_text="snowy street", screen_text="snow", steps=1,
                                   device="cpu", config="configs/video_example_configs/car-turn_winter.yaml",
                                   overrides=settings, out_dir=tmp_path / "runs")
     assert result.frames.shape == (6, 32, 48, 3) and result.edit_layers.shape == (6, 32, 48, 4)
