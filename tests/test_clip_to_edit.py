@@ -48,7 +48,8 @@ def clip(tmp_path_factory):
 def edit_args(tiny_video_overrides, tmp_path):
     """The tiny edit settings without an atlas or a video (the command trains the clip's)."""
     keep = [a for a in tiny_video_overrides if not a.startswith(("checkpoint_path=", "video_path="))]
-    return [*keep, f"atlases_folder={tmp_path / 'atlases'}", "n_epochs=1", *TINY_ATLAS]
+    return [*keep, f"atlases_folder={tmp_path / 'atlases'}", "n_epochs=1", "n_aug=1", "write_metrics=false",
+            *TINY_ATLAS]
 
 
 def count_atlas_trainings(monkeypatch):
@@ -181,7 +182,7 @@ def test_bad_input_is_one_line_and_writes_nothing(extra, message, clip, edit_arg
 
 def test_api_edits_a_clip_without_an_atlas(clip, tiny_clip_file, tmp_path, capsys):
     settings = {"clip_model_name": str(tiny_clip_file), "grid_atlas_resolution": 300, "num_scales": 3,
-                "skip_n33d": 8, "skip_n33u": 8, "n_aug": 2, "log_images_freq": 2, "fps": 5,
+                "skip_n33d": 8, "skip_n33u": 8, "n_aug": 1, "log_images_freq": 2, "fps": 5, "write_metrics": False,
                 "atlases_folder": str(tmp_path / "atlases"), "resx": 48, "resy": 32,
                 **{key: yaml.safe_load(value) for key, value in (a.split("=", 1) for a in TINY_ATLAS)}}
     # an example config for another video: its atlas, frame count and name are not used
@@ -201,3 +202,14 @@ def test_api_edits_a_clip_without_an_atlas(clip, tiny_clip_file, tmp_path, capsy
         text2live.edit_video(video=clip / "pan" / "frames", comp_text="gold", layer="foreground", overrides=settings)
     with pytest.raises(text2live.ConfigError, match="needs an atlas .* or video="):
         text2live.edit_video(comp_text="gold")
+
+
+def test_a_portrait_clip_gets_the_default_size_turned_unless_a_size_is_given(tmp_path, capsys):
+    from training.atlas_cache import atlas_config
+    (tmp_path / "phone").mkdir()
+    Image.fromarray(np.zeros((64, 36, 3), np.uint8)).save(tmp_path / "phone" / "00000.png")  # 36x64: portrait
+    cfg = atlas_config(tmp_path / "phone", {})
+    assert (cfg["resx"], cfg["resy"]) == (432, 768)
+    assert "atlas and edit at 432x768 (the default size turned" in capsys.readouterr().out
+    cfg = atlas_config(tmp_path / "phone", {"resx": 96, "resy": 64})
+    assert (cfg["resx"], cfg["resy"]) == (96, 64) and capsys.readouterr().out == ""
