@@ -14,6 +14,7 @@ in atlases_folder, keyed by the clip and the atlas settings); atlas settings are
 nla.<key>=value; resx, resy, maximum_number_of_frames and device serve both stages.
 """
 
+import shlex
 import sys
 from pathlib import Path
 
@@ -84,9 +85,11 @@ def edit_clip(cfg: dict, args, typed: dict, atlas_keys: dict):
     if args.atlas_only:
         checkpoint = make_atlas(args.video, None, args.masks, device=cfg["device"], overrides={**shared, **atlas_keys},
                                 atlases_folder=cfg["atlases_folder"])
-        print(f"atlas: {checkpoint.parent}; edit the clip with: python train_video.py --video {args.video} "
-              f"{'--masks ' + str(args.masks) + ' ' if args.masks else ''}--example_config <edit>.yaml "
-              "(with the same nla.<key> and size settings, it is reused)")
+        same = [a for a in args.overrides  # what finds this atlas again
+                if a.startswith(ATLAS_PREFIX) or a.partition("=")[0] in (*CLIP_KEYS, "atlases_folder")]
+        command = ["python", "train_video.py", "--video", args.video, *(["--masks", args.masks] if args.masks else []),
+                   *same, "--example_config"]
+        print(f"atlas: {checkpoint.parent}; edit it with: {shlex.join(command)} <edit>.yaml")
         return checkpoint.parent
     check_video_config(cfg)
     layer = "foreground" if cfg["finetune_foreground"] else "background"

@@ -99,8 +99,10 @@ def test_atlas_only_and_atlas_keys_reach_the_atlas_and_its_key(clip, edit_args, 
     base = ["--video", str(clip / "pan" / "frames"), "--atlas-only", *edit_args]
     first = Path(train_video.main(base))
     assert len(trainings) == 1 and not (tmp_path / "results").exists()  # no edit
+    out = capsys.readouterr().out
+    assert "no masks given: the atlas has a background layer only" in out
+    assert f"edit it with: python train_video.py --video {clip / 'pan' / 'frames'} resx=48" in out
     assert first.parent == tmp_path / "atlases" and first.name.startswith("pan-")  # pan/frames: named pan
-    assert "no masks given: the atlas has a background layer only" in capsys.readouterr().out
     # an nla. key changes the atlas, so it is another atlas; the device does not
     second = Path(train_video.main([*base, "nla.rigidity_coeff=2.0"]))
     assert second != first and len(trainings) == 2
