@@ -2,6 +2,7 @@
 it from the cache), then edits; the same through text2live.edit_video(video=...)."""
 
 import json
+import shutil
 from pathlib import Path
 
 import imageio.v2 as imageio
@@ -109,7 +110,11 @@ def test_atlas_only_and_atlas_keys_reach_the_atlas_and_its_key(clip, edit_args, 
     assert yaml.safe_load((second / "config.yaml").read_text())["rigidity_coeff"] == 2.0
     assert Path(train_video.main([*base, "nla.rigidity_coeff=2.0", "device=cpu", "nla.evaluate_every=5"])) == second
     assert len(trainings) == 2
-    # so does a clip key: it serves both stages
+    # the same frames under another name find the same atlas
+    renamed = tmp_path / "renamed"
+    shutil.copytree(clip / "pan" / "frames", renamed)
+    assert Path(train_video.main([*base, "--video", str(renamed)])) == first and len(trainings) == 2
+    # a clip key changes it too: it serves both stages
     third = Path(train_video.main([*base, "resx=32", "resy=24"]))
     assert third not in (first, second) and torch.load(third / "checkpoint", weights_only=False)["resx"] == 32
 

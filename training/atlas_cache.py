@@ -110,6 +110,14 @@ def is_finished(folder: Path) -> bool:
     return (Path(folder) / FINISHED_FILE).is_file() and (Path(folder) / "checkpoint").is_file()
 
 
+def atlas_folder(atlases_folder: Path, name: str, key: str) -> Path:
+    """Where the atlas of `key` is: a folder <any name>-<key> (the clip may have been renamed
+    since), a finished one first, then one to resume; else a new <name>-<key>."""
+    found = sorted(atlases_folder.glob(f"*-{key}"), key=lambda f: (not is_finished(f),
+                                                                    not (f / "checkpoint").is_file(), f.name))
+    return found[0] if found else atlases_folder / f"{name}-{key}"
+
+
 def _iterations(checkpoint: Path) -> int:
     return int(torch.load(checkpoint, map_location="cpu", weights_only=False).get("iteration", 0))
 
@@ -120,7 +128,7 @@ def clip_atlas(video, masks, cfg: dict, atlases_folder, progress=None) -> Path:
     training.nla.train; a run it stops keeps its checkpoint but is not finished."""
     from training.nla import train
     video, masks = check_clip(video, masks)
-    folder = Path(atlases_folder) / f"{clip_name(video)}-{atlas_key(video, masks, cfg)}"
+    folder = atlas_folder(Path(atlases_folder), clip_name(video), atlas_key(video, masks, cfg))
     if masks is None:
         print(NO_MASKS)
     if is_finished(folder):
