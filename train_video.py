@@ -40,7 +40,8 @@ def main(argv=None):
     parser = config_parser("video", __doc__.strip().splitlines()[0])
     parser.add_argument("--video", default=None,
                         help="a video file or a folder of frames to edit; without checkpoint_path= its atlas is "
-                             "trained first (kept in atlases_folder and reused by the next edit of the clip)")
+                             "trained first (kept in atlases_folder and reused by the next edit of the clip); atlas settings "
+                             "as nla.<key>=value")
     parser.add_argument("--masks", default=None,
                         help="with --video: a folder of object masks, one per frame (white = object), for the "
                              "atlas's foreground layer; without, the atlas has a background layer only")
