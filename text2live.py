@@ -51,6 +51,7 @@ class VideoEdit:
     run_dir: Path | None = None
     files: dict = field(default_factory=dict)  # name -> path of the written videos (when run_dir is kept)
     metrics: dict | None = None   # evaluate.py's metrics with the training CLIP (config write_metrics)
+    atlas: Path | None = None     # the atlas folder edited (with video= and no atlas: the one trained or reused)
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
@@ -252,9 +253,9 @@ def atlas_settings(atlas) -> tuple[Path, dict]:
     return checkpoint, settings
 
 
-def edit_video(atlas, comp_text, screen_text=None, src_text=None, bootstrap_text=None, *, layer="background",
-               video=None, steps=3000, seed=0, device=None, config=None, overrides=None, progress=None,
-               out_dir=None) -> VideoEdit:
+def edit_video(atlas=None, comp_text=None, screen_text=None, src_text=None, bootstrap_text=None, *,
+               layer="background", video=None, masks=None, steps=3000, seed=0, device=None, config=None,
+               overrides=None, progress=None, out_dir=None) -> VideoEdit:
     """Edit one layer of a video through its Neural Layered Atlas; returns a VideoEdit.
 
     atlas: a train_nla.py output folder (or its `checkpoint` file); its config.yaml supplies the
@@ -262,28 +263,74 @@ def edit_video(atlas, comp_text, screen_text=None, src_text=None, bootstrap_text
     does not name them. layer: "background" or "foreground". The other arguments are as for
     edit_image (config on top of configs/video_config.yaml; progress's preview is the middle
     frame).
+
+    Without an atlas, `video` (a video file or a frame folder) gets one first: trained in
+    <atlases_folder>/<clip>-<key>/ (the config key; key: the clip's and the masks' content and
+    the atlas settings), or reused from there when a finished one exists. masks: a folder with
+    one mask per frame (white = object), needed for layer="foreground"; without, the atlas has a
+    background layer only. Atlas settings go in `overrides` as "nla.<key>" (e.g.
+    {"nla.iters_num": 5000}); resx, resy and maximum_number_of_frames in `overrides` serve both
+    stages (those in `config` describe another video and are not used), device too. The run
+    folder is named after the clip.
     """
     from training.video import train
+    from util.config import split_atlas_overrides
     if layer not in ("background", "foreground"):
         raise ConfigError(f"layer={layer!r}; use 'background' or 'foreground'")
     _count("steps", steps, 1)
+    if overrides is not None and not isinstance(overrides, dict):
+        raise ConfigError(f"overrides must be a dict of config keys, not a {type(overrides).__name__}")
+    overrides, atlas_keys = split_atlas_overrides(overrides or {})
+    values = _overrides("video", {"comp_text": comp_text, "screen_text": screen_text, "src_text": src_text,
+                                  "bootstrap_text": bootstrap_text}, steps, seed, device, overrides)
+    values.update({"finetune_foreground": layer == "foreground", "finetune_background": layer == "background"})
+    if bootstrap_text is not None and "bootstrap_epoch" not in overrides:
+        values["bootstrap_epoch"] = min(1000, steps)
+    if atlas is None:
+        atlas, video, config = _clip_atlas(video, masks, layer, config, values, atlas_keys)
+    elif masks is not None or atlas_keys:
+        raise ConfigError("masks and nla.<key> settings are for training an atlas: give video= without an atlas "
+                          "(or train one with make_atlas)")
     checkpoint, from_atlas = atlas_settings(atlas)  # from_atlas: below config and arguments
     with _run_root(out_dir) as root:
-        values = _overrides("video", {"comp_text": comp_text, "screen_text": screen_text, "src_text": src_text,
-                                      "bootstrap_text": bootstrap_text}, steps, seed, device, overrides)
-        values.update({"checkpoint_path": str(checkpoint), "results_folder": str(root),
-                       "finetune_foreground": layer == "foreground", "finetune_background": layer == "background"})
+        values.update({"checkpoint_path": str(checkpoint), "results_folder": str(root)})
         if video is not None:
             values["video_path"] = str(video)
-        if bootstrap_text is not None and "bootstrap_epoch" not in (overrides or {}):
-            values["bootstrap_epoch"] = min(1000, steps)
         cfg = _config("video", config, values, base=from_atlas)
         run_dir = Path(train(cfg, progress=_progress_adapter(progress)))
-        return _video_result(run_dir / "final", _read_steps(run_dir), run_dir if out_dir is not None else None)
+        result = _video_result(run_dir / "final", _read_steps(run_dir), run_dir if out_dir is not None else None)
+        result.atlas = checkpoint.parent
+        return result
 
 
-def make_atlas(video, out_dir, masks=None, *, steps=None, size=None, seed=0, device=None, overrides=None,
-               progress=None) -> Path:
+def _clip_atlas(video, masks, layer: str, config, values: dict, atlas_keys: dict):
+    """edit_video without an atlas: check the edit's settings, then train (or reuse) the clip's
+    atlas. Returns (the atlas folder, the clip, the edit's config without the keys that describe
+    another video, named after the clip)."""
+    from training.atlas_cache import atlas_config as make_atlas_config
+    from training.atlas_cache import check_clip, clip_atlas, clip_name
+    from util.config import CLIP_KEYS, check_video_config, read_yaml
+    if video is None:
+        raise ConfigError("edit_video needs an atlas (a train_nla.py output folder) or video= (a video file or a "
+                          "frame folder, whose atlas is trained first)")
+    if isinstance(config, (str, Path)):
+        config = read_yaml(config)
+    config = {k: v for k, v in (config or {}).items() if k not in (*CLIP_KEYS, "checkpoint_path", "video_path", "_name")}
+    video, masks = check_clip(video, masks)
+    if layer == "foreground" and masks is None:
+        raise ConfigError("layer='foreground' edits the masked object, but no masks were given: pass masks= (a folder "
+                          "with one mask per frame, white = object) or edit layer='background'")
+    shared = {k: values[k] for k in CLIP_KEYS if k in values}
+    atlas_cfg = make_atlas_config(video, {**shared, "device": values["device"], **atlas_keys})
+    clip_values = {**values, **{k: atlas_cfg[k] for k in CLIP_KEYS}, "video_path": str(video)}
+    edit_cfg = _config("video", config, clip_values)  # checked before the atlas is trained
+    check_video_config(edit_cfg)
+    folder = clip_atlas(video, masks, atlas_cfg, edit_cfg["atlases_folder"])
+    return folder, video, {**config, "_name": clip_name(video)}
+
+
+def make_atlas(video, out_dir=None, masks=None, *, steps=None, size=None, seed=0, device=None, overrides=None,
+               progress=None, atlases_folder=None) -> Path:
     """Train a Neural Layered Atlas for `video` (a frame folder or a video file) into `out_dir`,
     as train_nla.py does; returns the checkpoint path, which edit_video accepts (so does out_dir).
 
@@ -293,6 +340,11 @@ def make_atlas(video, out_dir, masks=None, *, steps=None, size=None, seed=0, dev
     of nla config keys on top. progress(iteration, total, preview): called every evaluate_every
     steps with the middle frame's reconstruction (a PIL image); returning False stops there,
     and the atlas so far is saved (running again with the same out_dir resumes).
+
+    out_dir None: the atlas cache edit_video(video=...) uses, <atlases_folder>/<clip>-<key>/
+    (atlases_folder None: configs/video_config.yaml's, pretrained_nla_models); a finished atlas of
+    the same clip, masks and settings there is returned as it is, an interrupted one resumed;
+    without size, resx and resy, a portrait clip gets the default size turned.
     """
     from util.config import check_nla_config, load_config
     values = {"seed": seed, "device": device or "auto"}
@@ -309,6 +361,13 @@ def make_atlas(video, out_dir, masks=None, *, steps=None, size=None, seed=0, dev
         scale = size / min(width, height)
         values["resx"], values["resy"] = (max(2, 2 * round(width * scale / 2)), max(2, 2 * round(height * scale / 2)))
     values.update(_checked_overrides("nla", overrides))
+    if out_dir is None:
+        from training.atlas_cache import atlas_config, check_clip, clip_atlas
+        video, masks = check_clip(video, masks)
+        cfg = atlas_config(video, values)
+        if atlases_folder is None:
+            atlases_folder = load_config("video")["atlases_folder"]
+        return clip_atlas(video, masks, cfg, atlases_folder, progress=_progress_adapter(progress)) / "checkpoint"
     cfg = load_config("nla", overrides=values, source="the arguments")
     check_nla_config(cfg)
     from training.nla import train

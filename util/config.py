@@ -102,6 +102,7 @@ VIDEO_RULES = {
     "edit_layer_formats": dict(type="strs", choices=["webm", "prores", "png"]),
     "video_path": dict(type="str", nullable=True),
     "checkpoint_path": dict(type="str", nullable=True),
+    "atlases_folder": dict(type="str"),
     "render_foreground": dict(type="str", nullable=True),
     "render_background": dict(type="str", nullable=True),
     "grid_atlas_resolution": dict(type="int", min=8),
@@ -359,16 +360,59 @@ def typed_overrides(argv) -> dict:
     return parse_overrides([a for a in argv if "=" in a and not a.startswith("-")])
 
 
-def command_line(kind: str, description: str, argv=None):
-    """Parse `--config`, `--example_config` and key=value overrides; return the config dict."""
+def config_parser(kind: str, description: str) -> argparse.ArgumentParser:
+    """`--config`, `--example_config` and key=value overrides (a command line may add its own options)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", default=None,
                         help=f"base config replacing configs/{kind}_config.yaml's values")
     parser.add_argument("--example_config", default=None,
                         help=f"example config name in configs/{kind}_example_configs/, or a path")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="override any config key")
-    args = parser.parse_intermixed_args(argv)  # key=value before, between or after the --options
+    return parser
+
+
+def command_line(kind: str, description: str, argv=None):
+    """Parse `--config`, `--example_config` and key=value overrides; return the config dict."""
+    args = config_parser(kind, description).parse_intermixed_args(argv)  # key=value before, between or after
     return load_config(kind, args.config, args.example_config, args.overrides)
+
+
+# ---- one command from a clip to an edit (train_video.py --video) ------------------------------
+# The atlas's keys go on train_video.py's command line as nla.<key>=value; the keys that say
+# which frames are edited, at what size, serve both stages and are written without the prefix.
+ATLAS_PREFIX = "nla."
+CLIP_KEYS = ("resx", "resy", "maximum_number_of_frames")
+
+
+def split_atlas_overrides(overrides: dict) -> tuple[dict, dict]:
+    """A video edit's overrides -> (the edit's keys, the atlas's keys without their `nla.`
+    prefix). An unknown nla. key names the closest atlas key; an atlas key written without the
+    prefix, or a clip key written with it, gets a one-line ConfigError saying how to write it."""
+    atlas_defaults = read_yaml(CONFIG_DIR / "nla_config.yaml")
+    video_defaults = read_yaml(CONFIG_DIR / "video_config.yaml")
+    edit, atlas = {}, {}
+    for key, value in overrides.items():
+        if not str(key).startswith(ATLAS_PREFIX):
+            if key not in video_defaults and key in atlas_defaults:
+                raise ConfigError(f"'{key}' is an atlas setting: write {ATLAS_PREFIX}{key}={_shown(value)} "
+                                  "(used when train_video.py --video trains the clip's atlas)")
+            edit[key] = value
+            continue
+        name = key[len(ATLAS_PREFIX):]
+        if name in CLIP_KEYS or name == "device":
+            raise ConfigError(f"{name} serves both the atlas and the edit: write {name}={_shown(value)} "
+                              f"without '{ATLAS_PREFIX}'")
+        if name not in atlas_defaults:
+            close = difflib.get_close_matches(name, list(atlas_defaults), n=1, cutoff=0.5)
+            hint = (f"; did you mean '{ATLAS_PREFIX}{close[0]}'?" if close
+                    else "; see configs/nla_config.yaml for the atlas keys")
+            raise ConfigError(f"unknown config key '{key}' in the command line{hint}")
+        atlas[name] = value
+    return edit, atlas
+
+
+def _shown(value) -> str:
+    return "..." if value is None else str(value)
 
 
 def public(cfg: dict) -> dict:
