@@ -61,8 +61,16 @@ class VideoAtlas:
         self.alpha, self.uv, self.mask = prepared["alpha"], prepared["uv"], prepared["mask"]
         self.box, self.atlas = AtlasBox(**prepared["box"]), prepared["atlas"]
         self.check_atlas_size(self.box)
-        self.layer_frames = torch.cat([sample_atlas(self.atlas, self.box, self.uv[t:t + 1], cfg["align_corners"])
-                                       for t in range(T)])  # [T, 3, H, W] the layer as the atlas shows it
+
+    def layer_crop(self, t: int, rows: slice = slice(None), cols: slice = slice(None)):
+        """The layer as the atlas shows it in frame t (its rows x cols), sampled when asked:
+        [1, 3, h, w]."""
+        return sample_atlas(self.atlas, self.box, self.uv[t:t + 1, rows, cols], self.cfg["align_corners"])
+
+    @property
+    def layer_frames(self):
+        """The layer as the atlas shows it in every frame: [T, 3, H, W] (built on each call)."""
+        return torch.cat([self.layer_crop(t) for t in range(self.n_frames)])
 
     def check_atlas_size(self, box: AtlasBox):
         if max(box.size) <= 2 ** self.cfg["num_scales"]:
@@ -79,9 +87,10 @@ class VideoAtlas:
 
     def prepare(self, cfg: dict, layer: str, device) -> dict:
         """UV maps, opacity, the atlas box and the discretised atlas (the slow part, done once)."""
-        maps = frame_maps(self.nla, device)
+        uv_key = "uv_fg" if layer == "foreground" else "uv_bg"  # only the edited layer's UVs are computed
+        maps = frame_maps(self.nla, device, keys=(uv_key, "alpha"))
         alpha = maps["alpha"].permute(0, 3, 1, 2)  # [T, 1, H, W] foreground opacity
-        uv = maps["uv_fg" if layer == "foreground" else "uv_bg"]  # [T, H, W, 2]
+        uv = maps[uv_key]  # [T, H, W, 2]
         if layer == "foreground":
             mask = alpha[:, 0] > cfg["mask_alpha_threshold"]  # [T, H, W]
             if not mask.any():
