@@ -19,6 +19,7 @@ memory that depends on the clip's length is the same), vit a random ViT-B/32 (th
 """
 
 import argparse
+import ctypes
 import json
 import os
 import resource
@@ -62,20 +63,95 @@ def synthetic_clip(folder: Path, n_frames: int, width: int, height: int):
     return frames, masks
 
 
+def synthetic_atlas(folder: Path, width: int, height: int, n_frames: int) -> Path:
+    """A small NLA checkpoint in the official format (MLPs, which take any size and frame count)
+    whose UVs spread over each layer's atlas alike in every frame: for measuring train_video.py
+    without training an atlas first (its memory does not depend on the atlas's quality)."""
+    sys.path.insert(0, str(REPO))
+    import torch
+
+    from models.nla import MLP, NLAModel
+    path = folder / "checkpoint"
+    if path.is_file():
+        return path
+    torch.manual_seed(0)
+    nets = {"atlas": MLP(2, 3, 4, 32, 4, (2,)), "alpha": MLP(3, 1, 3, 32, 2)}
+    for name, scale in (("mapping_foreground", 0.9), ("mapping_background", 0.8)):
+        mapping = nets[name] = MLP(3, 2, 2, 8)
+        with torch.no_grad():  # UV = scale * (tanh(x) - tanh(-x), ...) / 2-ish: the frame spread over the atlas
+            for layer in mapping.hidden:
+                layer.weight.zero_()
+                layer.bias.zero_()
+            for row, (dim, sign) in enumerate([(0, 1), (0, -1), (1, 1), (1, -1)]):
+                mapping.hidden[0].weight[row, dim] = sign
+                mapping.hidden[1].weight[dim, row] = scale * sign
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save({**NLAModel(width, height, n_frames, nets).checkpoint(), "iteration": 1}, path)
+    return path
+
+
+def _high_water_mb() -> float | None:
+    """This process's peak resident memory since the last _reset_high_water() (Linux), or None."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmHWM"))
+    except (OSError, StopIteration):
+        return None
+
+
+def _reset_high_water():
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")  # resets VmHWM to the current resident size
+    except OSError:
+        pass
+
+
+def _staged(record: dict, name: str, function):
+    """function, recording the peak memory up to its end as record[name] and then starting a new
+    one from what is then live (memory freed but kept by the C allocator is given back first)."""
+    def call(*args, **kwargs):
+        result = function(*args, **kwargs)
+        record[name] = _high_water_mb()
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc
+            pass
+        _reset_high_water()
+        return result
+    return call
+
+
+# glibc: every block over 128 kB its own mapping, given back when freed (no dynamic threshold), so
+# that a peak is what was live, not heap left over from an earlier stage
+MEASURE_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
 def measure(tool: str, repo: Path, argv: list):
-    """Run one tool's main(argv) in this process and print its time and peak memory."""
+    """Run one tool's main(argv) in this process and print its time and peak memory: the whole
+    run's (peak_rss_mb) and, for train_video.py, each stage's (on Linux): preparation (frames,
+    UV maps, the atlas), training (the steps and snapshots; a step touches three frames, so its
+    memory depends on the crop sizes drawn, not on the clip's length) and outputs (the final
+    render, every file of final/, metrics.json and the result read back)."""
     sys.path.insert(0, str(repo))
     import torch
 
+    stages = {}
     began = time.perf_counter()
     if tool == "nla":
         import train_nla
         train_nla.main(argv)
     else:
         import train_video
+        import training.video
+        _reset_high_water()
+        training.video.VideoAtlas = _staged(stages, "preparation_peak_mb", training.video.VideoAtlas)
+        training.video.fit = _staged(stages, "training_peak_mb", training.video.fit)
         train_video.main(argv)
+        stages["outputs_peak_mb"] = _high_water_mb()
     record = {"seconds": round(time.perf_counter() - began, 1),
-              "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+              "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+              **{k: round(v, 1) for k, v in stages.items() if v is not None}}
     if torch.cuda.is_available():
         record["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
     print("BENCH " + json.dumps(record), flush=True)
@@ -85,7 +161,8 @@ def run_measured(tool: str, repo: Path, argv: list, log: Path) -> dict:
     """measure() in a fresh process; its record, or {"error": the last line of its log}."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--measure", tool, "--repo", str(repo), "--", *argv]
     with open(log, "w") as out:
-        done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=out, text=True, check=False)
+        done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=out, text=True, check=False,
+                              env={**os.environ, **MEASURE_ENV})
     lines = [line for line in done.stdout.splitlines() if line.startswith("BENCH ")]
     if done.returncode != 0 or not lines:
         tail = log.read_text().strip().splitlines()
@@ -116,6 +193,10 @@ def main():
     parser.add_argument("--tools", nargs="+", choices=["nla", "video"], default=["nla", "video"])
     parser.add_argument("--example", default="car-turn_winter", help="the video example config train_video.py uses")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--atlas", choices=["trained", "synthetic"], default="trained",
+                        help="train_video.py edits the atlas train_nla.py made, or a synthetic one (fast)")
+    parser.add_argument("--nla-set", nargs="*", default=[], metavar="key=value", help="more train_nla.py settings")
+    parser.add_argument("--video-set", nargs="*", default=[], metavar="key=value", help="more train_video.py settings")
     parser.add_argument("--work", default="/tmp/text2live_bench_scale")
     parser.add_argument("--repo", default=str(REPO), help="the checkout whose tools are measured")
     parser.add_argument("--measure", choices=["nla", "video"], help=argparse.SUPPRESS)
@@ -137,14 +218,18 @@ def main():
             if "nla" in args.tools:
                 shutil.rmtree(atlas, ignore_errors=True)
                 runs.append(("nla", ["--video", str(frames), "--masks", str(masks), "--out", str(atlas), *common,
-                                     f"iters_num={args.nla_steps}", f"evaluate_every={args.nla_steps}"]))
+                                     f"iters_num={args.nla_steps}", f"evaluate_every={args.nla_steps}",
+                                     *args.nla_set]))
             if "video" in args.tools:
                 results = work / "results"
-                runs.append(("video", ["--example_config", args.example, f"checkpoint_path={atlas / 'checkpoint'}",
+                checkpoint = atlas / "checkpoint"
+                if args.atlas == "synthetic":
+                    checkpoint = synthetic_atlas(work / f"synthetic_atlas_{size}", width, height, max(args.frames))
+                runs.append(("video", ["--example_config", args.example, f"checkpoint_path={checkpoint}",
                                        f"video_path={frames}", f"clip_model_name={clip}", f"results_folder={results}",
                                        *common, f"n_epochs={args.video_steps}", f"log_images_freq={args.video_steps}",
                                        f"save_model_starting_epoch={args.video_steps + 1}", "atlas_cache=false",
-                                       "seed=1"]))  # one seed: the training crops do not differ by chance
+                                       "seed=1", *args.video_set]))  # one seed: crops do not differ by chance
             for tool, argv in runs:
                 record = {"tool": tool, "size": size, "frames": n,
                           **run_measured(tool, repo, argv, work / f"log_{tool}_{size}_{n}.txt")}
