@@ -100,7 +100,10 @@ class VideoAtlas:
         else:
             mask = torch.ones_like(alpha[:, 0], dtype=torch.bool)
             resolution = cfg["grid_atlas_resolution"] / 3  # the background atlas at a third, for memory
-        box = bounding_box(uv[mask], resolution=resolution)
+        # the box of each frame's UVs, then of those corners: no copy of the whole clip's UVs
+        corners = [c for t in range(uv.shape[0]) if mask[t].any()
+                   for c in (uv[t][mask[t]].amin(dim=0), uv[t][mask[t]].amax(dim=0))]
+        box = bounding_box(torch.stack(corners) if corners else uv[:0].reshape(0, 2), resolution=resolution)
         self.check_atlas_size(box)
         atlas = discretize_atlas(self.nla, box, device)  # [1, 3, h, w]
         return {"alpha": alpha, "uv": uv, "mask": mask, "atlas": atlas,

@@ -47,9 +47,9 @@ class RunFrames:
 
 
 def _pixels8(path: Path, mode: str) -> torch.Tensor:
-    """A PNG as [1, C, H, W] uint8."""
+    """A PNG as [1, C, H, W] uint8 (mode "A": its alpha channel alone)."""
     with Image.open(path) as img:
-        array = np.array(img.convert(mode))
+        array = np.array(img.convert("RGBA").getchannel("A") if mode == "A" else img.convert(mode))
     if array.ndim == 2:
         array = array[..., None]
     return torch.from_numpy(array).permute(2, 0, 1)[None]
@@ -121,7 +121,7 @@ def _read_video_run(run_dir: Path, config: dict) -> RunFrames:
         raise InputError(f"{final / 'frames'} holds no edited frames; the run folder is incomplete: rerun the edit")
     composite = _stack8(frame_files, "RGB")  # [T, 3, H, W] uint8
     if (final / "edit_layer_rgba").is_dir():
-        alpha = _stack8(list_frame_files(final / "edit_layer_rgba"), "RGBA")[:, 3:]  # [T, 1, H, W] uint8
+        alpha = _stack8(list_frame_files(final / "edit_layer_rgba"), "A")  # [T, 1, H, W] uint8
     else:
         video = next((p for p in (final / "edit_layer.mov", final / "edit_layer.webm") if p.is_file()), None)
         if video is None:
