@@ -132,3 +132,20 @@ def test_train_video_refuses_a_clip_with_no_frames_before_any_run_folder(tiny_vi
     code, err = cli(train_video.main, args, capsys)
     assert code == 2 and len(err) == 1 and "holds no image frames" in err[0], err
     assert not (tmp_path / "results").exists()
+
+
+def test_writers_take_one_frame_at_a_time_and_leave_nothing_when_stopped(tmp_path):
+    """MP4 and alpha-video writers fed frame by frame; a failure midway leaves no file, whole or part."""
+    from util.alpha_video import AlphaVideoWriter, read_alpha_video
+    from util.video_io import VideoWriter
+    layers = torch.rand(4, 4, 18, 32)
+    with AlphaVideoWriter(tmp_path / "layer.mov", fps=5, fmt="prores") as writer:
+        for t in range(4):
+            writer.append(layers[t:t + 1])
+    back = read_alpha_video(tmp_path / "layer.mov")
+    assert back.shape == (4, 18, 32, 4) and np.abs(back[..., 3] / 255 - layers[:, 3].numpy()).max() < 0.01
+    for make, name in ((lambda p: VideoWriter(p, 5), "edited.mp4"), (lambda p: AlphaVideoWriter(p, 5), "layer.webm")):
+        with pytest.raises(RuntimeError, match="stopped"), make(tmp_path / "stopped" / name) as writer:
+            writer.append(layers[:1, :4 if name.endswith("webm") else 3])
+            raise RuntimeError("stopped midway")
+        assert not (tmp_path / "stopped").exists() or list((tmp_path / "stopped").iterdir()) == []
