@@ -180,11 +180,20 @@ def _image_result(final: Path, steps: int, run_dir) -> ImageEdit:
                      input=_open(final / "input.png", "RGB"), steps=steps, run_dir=run_dir, metrics=_metrics(final))
 
 
+def _stack_images(paths: list, mode: str) -> np.ndarray:
+    """Image files of one size as one uint8 array [T, H, W, C], read one at a time into place."""
+    first = np.asarray(_open(paths[0], mode))
+    out = np.empty((len(paths), *first.shape), np.uint8)
+    for t, path in enumerate(paths):
+        out[t] = first if t == 0 else np.asarray(_open(path, mode))
+    return out
+
+
 def _video_result(final: Path, steps: int, run_dir) -> VideoEdit:
-    frames = np.stack([np.asarray(_open(p, "RGB")) for p in sorted((final / "frames").glob("*.png"))])
+    frames = _stack_images(sorted((final / "frames").glob("*.png")), "RGB")
     layers_dir = final / "edit_layer_rgba"
     if layers_dir.is_dir():
-        layers = np.stack([np.asarray(_open(p, "RGBA")) for p in sorted(layers_dir.glob("*.png"))])
+        layers = _stack_images(sorted(layers_dir.glob("*.png")), "RGBA")
     else:
         from util.alpha_video import read_alpha_video
         video = next(p for p in (final / "edit_layer.mov", final / "edit_layer.webm") if p.is_file())

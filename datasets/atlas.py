@@ -66,22 +66,20 @@ def bounding_box(uv, mask=None, resolution: float = 2000, margin_px: int = 2) ->
 
 
 @torch.no_grad()
-def frame_maps(nla, device=None, chunk: int = 262144, progress: bool = True) -> dict:
-    """UV maps and opacity of every pixel of every frame: uv_fg, uv_bg [T, H, W, 2], alpha [T, H, W, 1]."""
-    maps = {"uv_fg": [], "uv_bg": [], "alpha": []}
+def frame_maps(nla, device=None, chunk: int = 262144, progress: bool = True, keys=("uv_fg", "uv_bg", "alpha")) -> dict:
+    """UV maps and opacity of every pixel of every frame: uv_fg, uv_bg [T, H, W, 2], alpha
+    [T, H, W, 1] (only those named in `keys`), each computed frame by frame into its place."""
+    queries = {"uv_fg": nla.uv_foreground, "uv_bg": nla.uv_background, "alpha": nla.opacity}
+    maps = {}
     for t in tqdm(range(nla.n_frames), desc="mapping frames to atlases", disable=not progress):
         p = nla.frame_coords(t, device)
-        uv_fg, uv_bg, alpha = [], [], []
-        for start in range(0, p.shape[0], chunk):
-            q = p[start:start + chunk]
-            uv_fg.append(nla.uv_foreground(q))
-            uv_bg.append(nla.uv_background(q))
-            alpha.append(nla.opacity(q))
-        shape = (nla.resy, nla.resx, -1)
-        maps["uv_fg"].append(torch.cat(uv_fg).view(shape))
-        maps["uv_bg"].append(torch.cat(uv_bg).view(shape))
-        maps["alpha"].append(torch.cat(alpha).view(shape))
-    return {k: torch.stack(v) for k, v in maps.items()}
+        for key in keys:
+            frame = torch.cat([queries[key](p[i:i + chunk]) for i in range(0, p.shape[0], chunk)])
+            frame = frame.view(nla.resy, nla.resx, -1)
+            if key not in maps:  # the whole video's map, like its first frame's
+                maps[key] = frame.new_empty(nla.n_frames, *frame.shape)
+            maps[key][t] = frame
+    return maps
 
 
 @torch.no_grad()

@@ -35,31 +35,34 @@ def video_flows(frames: torch.Tensor, cache_dir=None, progress: bool = True, gap
     """Forward (t -> t+gap) and backward (t+gap -> t) flows of frames [T, 3, H, W] in [0, 1], with
     consistency masks: dict of forward, backward [T-gap, H, W, 2] and forward_ok, backward_ok
     [T-gap, H, W] tensors. With cache_dir the result is stored there and reused for the same
-    frames (one file per gap: adding a gap never recomputes another)."""
+    frames (one file per gap: adding a gap never recomputes another). The frames are turned to
+    uint8 one at a time, and each pair's flow is written straight into the result."""
     from tqdm import tqdm
 
-    video = (frames.detach().cpu().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
-    if not 1 <= gap < len(video):
-        raise ValueError(f"flow gap {gap} needs at least {gap + 1} frames; the video has {len(video)}")
+    T, _, H, W = frames.shape
+    if not 1 <= gap < T:
+        raise ValueError(f"flow gap {gap} needs at least {gap + 1} frames; the video has {T}")
+    video = np.empty((T, H, W, 3), dtype=np.uint8)
+    for t in range(T):
+        video[t] = (frames[t].detach().cpu().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
     cache = None
     if cache_dir is not None:
         digest = hashlib.sha256(video.tobytes()).hexdigest()[:16]
         suffix = "" if gap == 1 else f"_gap{gap}"
-        cache = Path(cache_dir) / f"flows_{video.shape[2]}x{video.shape[1]}_{digest}{suffix}.npz"
+        cache = Path(cache_dir) / f"flows_{W}x{H}_{digest}{suffix}.npz"
         if cache.is_file():
             data = np.load(cache)
             return {k: torch.from_numpy(data[k]) for k in data.files}
-    forward, backward, forward_ok, backward_ok = [], [], [], []
+    P = T - gap
+    result = {"forward": np.empty((P, H, W, 2), np.float32), "backward": np.empty((P, H, W, 2), np.float32),
+              "forward_ok": np.empty((P, H, W), bool), "backward_ok": np.empty((P, H, W), bool)}
     desc = "optical flow" if gap == 1 else f"optical flow, frames {gap} apart"
-    for t in tqdm(range(len(video) - gap), desc=desc, disable=not progress):
-        f = dis_flow(video[t], video[t + gap])
-        b = dis_flow(video[t + gap], video[t])
-        forward.append(f)
-        backward.append(b)
-        forward_ok.append(consistent(f, b))
-        backward_ok.append(consistent(b, f))
-    result = {"forward": np.stack(forward), "backward": np.stack(backward),
-              "forward_ok": np.stack(forward_ok), "backward_ok": np.stack(backward_ok)}
+    for t in tqdm(range(P), desc=desc, disable=not progress):
+        f = result["forward"][t] = dis_flow(video[t], video[t + gap])
+        b = result["backward"][t] = dis_flow(video[t + gap], video[t])
+        result["forward_ok"][t] = consistent(f, b)
+        result["backward_ok"][t] = consistent(b, f)
+    del video
     if cache is not None:  # written under a unique name, then renamed: concurrent runs never clash
         cache.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=cache.parent, prefix=cache.name, suffix=".part.npz", delete=False) as tmp:

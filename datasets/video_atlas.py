@@ -61,8 +61,16 @@ class VideoAtlas:
         self.alpha, self.uv, self.mask = prepared["alpha"], prepared["uv"], prepared["mask"]
         self.box, self.atlas = AtlasBox(**prepared["box"]), prepared["atlas"]
         self.check_atlas_size(self.box)
-        self.layer_frames = torch.cat([sample_atlas(self.atlas, self.box, self.uv[t:t + 1], cfg["align_corners"])
-                                       for t in range(T)])  # [T, 3, H, W] the layer as the atlas shows it
+
+    def layer_crop(self, t: int, rows: slice = slice(None), cols: slice = slice(None)):
+        """The layer as the atlas shows it in frame t (its rows x cols), sampled when asked:
+        [1, 3, h, w]."""
+        return sample_atlas(self.atlas, self.box, self.uv[t:t + 1, rows, cols], self.cfg["align_corners"])
+
+    @property
+    def layer_frames(self):
+        """The layer as the atlas shows it in every frame: [T, 3, H, W] (built on each call)."""
+        return torch.cat([self.layer_crop(t) for t in range(self.n_frames)])
 
     def check_atlas_size(self, box: AtlasBox):
         if max(box.size) <= 2 ** self.cfg["num_scales"]:
@@ -79,9 +87,10 @@ class VideoAtlas:
 
     def prepare(self, cfg: dict, layer: str, device) -> dict:
         """UV maps, opacity, the atlas box and the discretised atlas (the slow part, done once)."""
-        maps = frame_maps(self.nla, device)
+        uv_key = "uv_fg" if layer == "foreground" else "uv_bg"  # only the edited layer's UVs are computed
+        maps = frame_maps(self.nla, device, keys=(uv_key, "alpha"))
         alpha = maps["alpha"].permute(0, 3, 1, 2)  # [T, 1, H, W] foreground opacity
-        uv = maps["uv_fg" if layer == "foreground" else "uv_bg"]  # [T, H, W, 2]
+        uv = maps[uv_key]  # [T, H, W, 2]
         if layer == "foreground":
             mask = alpha[:, 0] > cfg["mask_alpha_threshold"]  # [T, H, W]
             if not mask.any():
@@ -91,7 +100,10 @@ class VideoAtlas:
         else:
             mask = torch.ones_like(alpha[:, 0], dtype=torch.bool)
             resolution = cfg["grid_atlas_resolution"] / 3  # the background atlas at a third, for memory
-        box = bounding_box(uv[mask], resolution=resolution)
+        # the box of each frame's UVs, then of those corners: no copy of the whole clip's UVs
+        corners = [c for t in range(uv.shape[0]) if mask[t].any()
+                   for c in (uv[t][mask[t]].amin(dim=0), uv[t][mask[t]].amax(dim=0))]
+        box = bounding_box(torch.stack(corners) if corners else uv[:0].reshape(0, 2), resolution=resolution)
         self.check_atlas_size(box)
         atlas = discretize_atlas(self.nla, box, device)  # [1, 3, h, w]
         return {"alpha": alpha, "uv": uv, "mask": mask, "atlas": atlas,

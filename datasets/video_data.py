@@ -9,7 +9,7 @@ import torch
 
 from datasets.flow import video_flows
 from util.image_io import resolve_data_path
-from util.video_io import check_mask_labels, list_frame_files, read_frames, read_masks
+from util.video_io import check_mask_labels, list_frame_files, read_clip, read_masks
 
 
 def source_size(video_path):
@@ -51,25 +51,31 @@ class VideoData:
 
     def __init__(self, video_path, masks_path, cfg: dict, out_dir: Path, device):
         labels = check_mask_labels(cfg.get("mask_labels"))  # a bad value fails before any reading
-        frames = read_frames(video_path, cfg["resx"], cfg["resy"], cfg["maximum_number_of_frames"], min_frames=2)
+        frames, clip = read_clip(video_path, cfg["resx"], cfg["resy"], cfg["maximum_number_of_frames"], min_frames=2,
+                                 channels_last=True)  # [T, H, W, 3]
         check_orientation(video_path, cfg["resx"], cfg["resy"])
-        self.T, _, self.H, self.W = frames.shape
-        self.frames = frames.permute(0, 2, 3, 1).contiguous().to(device)  # [T, H, W, 3]
+        self.T, self.H, self.W, _ = frames.shape
+        self.frames = frames.to(device)  # [T, H, W, 3]
         self.masks = None
         if masks_path is not None:
-            self.masks = read_masks(masks_path, self.T, cfg["resx"], cfg["resy"], labels)[:, 0].to(device)  # [T, H, W]
+            self.masks = read_masks(masks_path, self.T, cfg["resx"], cfg["resy"], labels, clip)[:, 0].to(device)  # [T, H, W]
         else:
             warnings.warn("no masks given: training a background-only decomposition (opacity pushed to 0)")
         # checked flow between frames `gap` apart, for every gap of flow_gaps the video is long
-        # enough for, stacked as pairs: gap 1's T-1 pairs first, then gap 2's T-2, ...
+        # enough for, stacked as pairs: gap 1's T-1 pairs first, then gap 2's T-2, ... (each
+        # gap's flow is copied into place and let go before the next is computed)
         gaps = [gap for gap in cfg["flow_gaps"] if gap < self.T]
-        fields = [video_flows(frames, cache_dir=out_dir, gap=gap) for gap in gaps]
         self.gaps = torch.tensor(gaps, device=device)  # [G]
         self.pair_start = torch.tensor([0] + [self.T - gap for gap in gaps[:-1]], device=device).cumsum(0)  # [G]
-        self.pair_forward = torch.cat([f["forward"] for f in fields]).to(device)  # [P, H, W, 2] t -> t+gap
-        self.pair_backward = torch.cat([f["backward"] for f in fields]).to(device)  # [P, H, W, 2] t+gap -> t
-        self.pair_forward_ok = torch.cat([f["forward_ok"] for f in fields]).to(device)  # [P, H, W]
-        self.pair_backward_ok = torch.cat([f["backward_ok"] for f in fields]).to(device)
+        P, size = sum(self.T - gap for gap in gaps), (self.H, self.W)
+        self.pair_forward = torch.empty(P, *size, 2, device=device)  # [P, H, W, 2] t -> t+gap
+        self.pair_backward = torch.empty(P, *size, 2, device=device)  # [P, H, W, 2] t+gap -> t
+        self.pair_forward_ok = torch.empty(P, *size, dtype=torch.bool, device=device)  # [P, H, W]
+        self.pair_backward_ok = torch.empty(P, *size, dtype=torch.bool, device=device)
+        for gap, start in zip(gaps, self.pair_start.tolist()):
+            field = video_flows(self.frames.permute(0, 3, 1, 2), cache_dir=out_dir, gap=gap)
+            for name in ("forward", "backward", "forward_ok", "backward_ok"):
+                getattr(self, f"pair_{name}")[start:start + self.T - gap] = field.pop(name)
         # consecutive frames (views of the above, no copies)
         self.forward, self.backward = self.pair_forward[:self.T - 1], self.pair_backward[:self.T - 1]  # [T-1, H, W, 2]
         self.forward_ok, self.backward_ok = self.pair_forward_ok[:self.T - 1], self.pair_backward_ok[:self.T - 1]

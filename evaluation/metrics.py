@@ -218,6 +218,17 @@ def warp_next_frames(frames: torch.Tensor, forward: torch.Tensor) -> torch.Tenso
                          align_corners=True)
 
 
+def warp_error_sum(frames: torch.Tensor, forward: torch.Tensor, valid: torch.Tensor) -> tuple[float, int]:
+    """warp_error's parts, for adding up over a video pair by pair: (the sum of the per-pixel
+    squared differences over the valid pixels, in float64; how many pixels are valid)."""
+    H, W = frames.shape[-2:]
+    x, y = flow_targets(forward)
+    inside = (x >= 0) & (x <= W - 1) & (y >= 0) & (y <= H - 1)
+    valid = (valid.bool().cpu() & inside).to(frames.device)  # [T-1, H, W]
+    squared = ((frames[:-1].float() - warp_next_frames(frames, forward)) ** 2).mean(dim=1)  # [T-1, H, W]
+    return float(squared[valid].sum(dtype=torch.float64)), int(valid.sum())
+
+
 def warp_error(frames: torch.Tensor, forward: torch.Tensor, valid: torch.Tensor) -> float | None:
     """Warp error: mean squared difference (pixel values in [0, 1], mean over channels) between
     frame t and frame t+1 warped back along the flow, over the pixels where `valid` [T-1, H, W]
@@ -225,11 +236,5 @@ def warp_error(frames: torch.Tensor, forward: torch.Tensor, valid: torch.Tensor)
     Lower is better. Lai et al. 2018 ("Learning Blind Video Temporal Consistency"); TokenFlow
     (Geyer et al. 2023) uses the input video's flow on the edited frames, as here. None when
     no pixel is valid."""
-    H, W = frames.shape[-2:]
-    x, y = flow_targets(forward)
-    inside = (x >= 0) & (x <= W - 1) & (y >= 0) & (y <= H - 1)
-    valid = (valid.bool().cpu() & inside).to(frames.device)  # [T-1, H, W]
-    if not valid.any():
-        return None
-    squared = ((frames[:-1].float() - warp_next_frames(frames, forward)) ** 2).mean(dim=1)  # [T-1, H, W]
-    return float(squared[valid].mean())
+    total, count = warp_error_sum(frames, forward, valid)
+    return total / count if count else None

@@ -31,13 +31,42 @@ DINO_NOTE = ("DINO similarity: absent (no installed library provides DINO's mode
 
 @dataclass
 class RunFrames:
-    """What a finished run shows: input, composite and alpha, [T, C, H, W] in [0, 1] (T = 1 for an image)."""
+    """What a finished run shows: input, composite and alpha, [T, C, H, W] (T = 1 for an image),
+    float in [0, 1] or, as a video's frames are kept, uint8 0..255; frames() gives them as float."""
     run_dir: Path
     kind: str                # "image" or "video"
     config: dict             # the run's config.yaml
     input: torch.Tensor      # [T, 3, H, W]
     composite: torch.Tensor  # [T, 3, H, W]
     alpha: torch.Tensor      # [T, 1, H, W]
+
+    def frames(self, start: int, stop: int):
+        """(input, composite, alpha) of frames start..stop-1 as float in [0, 1]."""
+        return tuple(x[start:stop].float() / 255 if x.dtype == torch.uint8 else x[start:stop].float()
+                     for x in (self.input, self.composite, self.alpha))
+
+
+def _pixels8(path: Path, mode: str) -> torch.Tensor:
+    """A PNG as [1, C, H, W] uint8 (mode "A": its alpha channel alone)."""
+    with Image.open(path) as img:
+        array = np.array(img.convert("RGBA").getchannel("A") if mode == "A" else img.convert(mode))
+    if array.ndim == 2:
+        array = array[..., None]
+    return torch.from_numpy(array).permute(2, 0, 1)[None]
+
+
+def _stack8(paths: list, mode: str) -> torch.Tensor:
+    """PNGs of one size as [T, C, H, W] uint8, read one at a time into place."""
+    first = _pixels8(paths[0], mode)
+    out = first.new_empty(len(paths), *first.shape[1:])
+    out[0] = first[0]
+    for t, path in enumerate(paths[1:], start=1):
+        image = _pixels8(path, mode)
+        if image.shape[1:] != out.shape[1:]:
+            raise InputError(f"{path} is {image.shape[-1]}x{image.shape[-2]}, the other frames "
+                             f"{out.shape[-1]}x{out.shape[-2]}; the run folder is damaged: rerun the edit")
+        out[t] = image[0]
+    return out
 
 
 def _pixels(path: Path, mode: str) -> torch.Tensor:
@@ -96,16 +125,16 @@ def _read_video_run(run_dir: Path, config: dict) -> RunFrames:
     frame_files = list_frame_files(final / "frames") if (final / "frames").is_dir() else []
     if not frame_files:
         raise InputError(f"{final / 'frames'} holds no edited frames; the run folder is incomplete: rerun the edit")
-    composite = torch.cat([_pixels(p, "RGB") for p in frame_files])  # [T, 3, H, W]
+    composite = _stack8(frame_files, "RGB")  # [T, 3, H, W] uint8
     if (final / "edit_layer_rgba").is_dir():
-        alpha = torch.cat([_pixels(p, "RGBA")[:, 3:] for p in list_frame_files(final / "edit_layer_rgba")])
+        alpha = _stack8(list_frame_files(final / "edit_layer_rgba"), "A")  # [T, 1, H, W] uint8
     else:
         video = next((p for p in (final / "edit_layer.mov", final / "edit_layer.webm") if p.is_file()), None)
         if video is None:
             raise InputError(f"{final} holds no edit layer (edit_layer_rgba/, .mov or .webm); rerun the edit")
         from util.alpha_video import read_alpha_video
         layers = read_alpha_video(video)  # [T, H, W, 4] uint8
-        alpha = torch.from_numpy(layers[..., 3:].astype(np.float32) / 255).permute(0, 3, 1, 2)
+        alpha = torch.from_numpy(np.ascontiguousarray(layers[..., 3:])).permute(0, 3, 1, 2)  # uint8
     video_path = default_video_path(config)
     try:
         frames = read_frames(video_path, config["resx"], config["resy"], config["maximum_number_of_frames"])
@@ -115,7 +144,7 @@ def _read_video_run(run_dir: Path, config: dict) -> RunFrames:
     if frames.shape != composite.shape or alpha.shape[0] != composite.shape[0]:
         raise InputError(f"{run_dir}: the input video {video_path} ({tuple(frames.shape)}) does not match the edited "
                          f"frames ({tuple(composite.shape)}); was the video replaced after the run?")
-    return RunFrames(run_dir, "video", config, frames.float().cpu(), composite, alpha)
+    return RunFrames(run_dir, "video", config, frames.cpu(), composite, alpha)
 
 
 def read_run(run_dir) -> RunFrames:
@@ -137,11 +166,25 @@ def evaluate_frames(run: RunFrames, clip, progress: bool = False) -> dict:
 
 
 def _evaluate(run: RunFrames, clip, progress: bool) -> dict:
+    """The metrics, taken m.EMBED_CHUNK frames at a time (a video's frames are held as read, and
+    only one chunk at a time as float); the means over pixels add up each chunk's share."""
     cfg = run.config
     comp_texts, src_texts = as_list(cfg.get("comp_text")), as_list(cfg.get("src_text"))
-    inputs, composites, alpha = run.input, run.composite, run.alpha
-    out_emb = m.clip_image_embeddings(clip, composites)  # [T, E]
-    in_emb = m.clip_image_embeddings(clip, inputs)
+    T = run.input.shape[0]
+    out_emb, in_emb, psnrs, ssims = [], [], [], []
+    l1 = l2 = structure = coverage = 0.0
+    for start in range(0, T, m.EMBED_CHUNK):
+        inputs, composites, alpha = run.frames(start, min(start + m.EMBED_CHUNK, T))
+        share = inputs.shape[0] / T  # of the pixels: every frame has as many
+        out_emb.append(m.clip_image_embeddings(clip, composites))
+        in_emb.append(m.clip_image_embeddings(clip, inputs))
+        l1 += share * m.l1_distance(inputs, composites)
+        l2 += share * m.l2_distance(inputs, composites)
+        structure += share * m.structure_distance(clip, inputs, composites)
+        coverage += share * m.alpha_coverage(alpha)
+        psnrs += _frame_values(m.psnr_outside_edit, inputs, composites, alpha)
+        ssims += _frame_values(m.ssim_outside_edit, inputs, composites, alpha)
+    out_emb, in_emb = torch.cat(out_emb), torch.cat(in_emb)  # [T, E]
     text_emb = m.clip_text_embeddings(clip, comp_texts) if comp_texts else None  # [N, E]
     directional = None
     if comp_texts and src_texts:
@@ -151,30 +194,50 @@ def _evaluate(run: RunFrames, clip, progress: bool) -> dict:
         "clip_t": m.clip_t(out_emb, text_emb) if text_emb is not None else None,
         "clip_i": m.clip_i(out_emb, in_emb),
         "clip_directional": directional,
-        "l1": m.l1_distance(inputs, composites),
-        "l2": m.l2_distance(inputs, composites),
-        "psnr_outside_edit": _frame_mean(m.psnr_outside_edit, inputs, composites, alpha),
-        "ssim_outside_edit": _frame_mean(m.ssim_outside_edit, inputs, composites, alpha),
-        "structure_distance": m.structure_distance(clip, inputs, composites),
-        "alpha_coverage": m.alpha_coverage(alpha),
+        "l1": l1,
+        "l2": l2,
+        "psnr_outside_edit": sum(psnrs) / len(psnrs) if psnrs else None,
+        "ssim_outside_edit": sum(ssims) / len(ssims) if ssims else None,
+        "structure_distance": structure,
+        "alpha_coverage": coverage,
     }
     if run.kind == "video":
-        from datasets.flow import video_flows
-        flows = video_flows(inputs, progress=progress)
         result.update({
             "frame_consistency": m.frame_consistency(out_emb),
             "prompt_consistency": m.prompt_consistency(out_emb, text_emb) if text_emb is not None else None,
-            "warp_error": m.warp_error(composites, flows["forward"], flows["forward_ok"]),
-            "input_warp_error": m.warp_error(inputs, flows["forward"], flows["forward_ok"]),
+            **_warp_errors(run, progress),
         })
     return result
 
 
-def _frame_mean(metric, inputs, composites, alpha):
-    """A per-frame metric averaged over the frames where it is defined (None if none)."""
+def _warp_errors(run: RunFrames, progress: bool) -> dict:
+    """warp_error (the edited frames) and input_warp_error (the input's) along the input's
+    checked optical flow, pair by pair: each pair's flow is computed, used and let go."""
+    from datasets.flow import consistent, dis_flow
+
+    def uint8(frame):  # [1, 3, H, W] in [0, 1] -> [H, W, 3], as video_flows rounds
+        return (frame[0].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+
+    sums = {"warp_error": [0.0, 0], "input_warp_error": [0.0, 0]}
+    T = run.input.shape[0]
+    previous = uint8(run.frames(0, 1)[0])
+    for t in tqdm(range(T - 1), desc="optical flow", disable=not progress):
+        inputs, composites, _ = run.frames(t, t + 2)  # [2, 3, H, W]
+        following = uint8(inputs[1:])
+        forward, backward = dis_flow(previous, following), dis_flow(following, previous)
+        ok = torch.from_numpy(consistent(forward, backward))[None]  # [1, H, W]
+        for name, frames in (("warp_error", composites), ("input_warp_error", inputs)):
+            total, count = m.warp_error_sum(frames, torch.from_numpy(forward)[None], ok)
+            sums[name][0] += total
+            sums[name][1] += count
+        previous = following
+    return {name: total / count if count else None for name, (total, count) in sums.items()}
+
+
+def _frame_values(metric, inputs, composites, alpha) -> list:
+    """A per-frame metric of each frame where it is defined."""
     values = [metric(inputs[t:t + 1], composites[t:t + 1], alpha[t:t + 1]) for t in range(inputs.shape[0])]
-    values = [v for v in values if v is not None]
-    return sum(values) / len(values) if values else None
+    return [v for v in values if v is not None]
 
 
 def same_clip(name_a: str, name_b: str) -> bool:

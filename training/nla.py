@@ -234,7 +234,8 @@ def _train(cfg: dict, video_path, masks_path, out_dir: Path, progress=None) -> P
     writer.writerow([it, round(time.time() - began, 1), "", round(video_psnr, 3)])
     log.close()
     save_previews(nla, data, out_dir / "previews" / "final", cfg, recon)
-    write_video(torch.cat([data.frames.permute(0, 3, 1, 2), recon], dim=-1), out_dir / "reconstruction.mp4", cfg["fps"])
+    write_video((torch.cat([data.frames[t].permute(2, 0, 1), recon[t]], dim=-1) for t in range(data.T)),
+                out_dir / "reconstruction.mp4", cfg["fps"])  # input | reconstruction, one frame at a time
     print(f"atlas checkpoint: {ckpt_path} ({file_megabytes(ckpt_path):.1f} MB, video PSNR {video_psnr:.2f} dB); "
           f"{opt_path.name} ({file_megabytes(opt_path):.1f} MB) is only needed to continue training")
     return ckpt_path

@@ -40,8 +40,12 @@ def strict_json(record) -> str:
 
 
 def psnr(a, b) -> float:
-    """Peak signal-to-noise ratio in dB between a and b (values in [0, 1])."""
-    mse = float(((a - b) ** 2).mean())
+    """Peak signal-to-noise ratio in dB between a and b (values in [0, 1]; for videos [T, ...],
+    summed frame by frame, so no whole-video difference is ever held)."""
+    if a.dim() < 4:
+        mse = float(((a - b) ** 2).mean())
+    else:
+        mse = sum(float(((a[t] - b[t]) ** 2).sum(dtype=torch.float64)) for t in range(a.shape[0])) / a.numel()
     return 10 * math.log10(1 / max(mse, 1e-12))
 
 

@@ -14,6 +14,7 @@ atlas_edited.png, atlas_edit_layer.png, side_by_side.mp4 (input | edit over gree
 metrics.json (evaluate.py's metrics with the training CLIP; config write_metrics).
 """
 
+import contextlib
 import random
 from pathlib import Path
 
@@ -38,13 +39,13 @@ from training.loop import (
     seed_run,
 )
 from util import compositing
-from util.alpha_video import FORMATS, write_alpha_video
+from util.alpha_video import FORMATS, AlphaVideoWriter
 from util.colour import colour_jitter
 from util.config import ConfigError, check_video_config, public
 from util.files import replace_folder, save_atomic
 from util.image_io import save_png
 from util.precision import autocast
-from util.video_io import write_video
+from util.video_io import VideoWriter
 
 # ---- training ---------------------------------------------------------------------------------
 
@@ -81,7 +82,7 @@ def video_step(generator, video: VideoAtlas, loss_fn, step: int, rng: random.Ran
     if foreground:
         frame_crop = video.frames[t:t + 1, :, crop[0], crop[1]] * video.alpha[t:t + 1, :, crop[0], crop[1]]
     else:
-        frame_crop = video.layer_frames[t:t + 1, :, crop[0], crop[1]]
+        frame_crop = video.layer_crop(t, crop[0], crop[1])
     if rng.random() < jitter_p:
         frame_crop = colour_jitter(frame_crop, rng)
     edit_layer = edit(frame_crop)
@@ -100,27 +101,57 @@ def video_step(generator, video: VideoAtlas, loss_fn, step: int, rng: random.Ran
     return total, terms
 
 
-@torch.no_grad()
-def edit_video(generator, video: VideoAtlas, multiply_foreground_alpha: bool, chunk: int = 8):
-    """The whole atlas edited once and sampled to every frame.
+class FrameEdits:
+    """Every frame's edit layer, sampled from one atlas edit when asked (a frame's edit layer is
+    composited over the original frame): indexing (layers[t], layers[a:b], layers[a:b, 3:])
+    gives [n, 4, H, W]; iterating gives [1, 4, H, W] frame by frame. The whole video's layers
+    [T, 4, H, W] are never held. A background edit is hidden behind the foreground object; a
+    foreground edit's opacity is multiplied by the object's opacity (multiply_foreground_alpha)."""
 
-    Returns (atlas edit layer [1, 4, h, w], per-frame edit layers [T, 4, H, W]); a frame's edit
-    layer is composited over the original frame. A background edit is hidden behind the
-    foreground object; a foreground edit's opacity is multiplied by the object's opacity.
-    """
-    atlas_edit = generator(video.atlas).float()
-    layers = []
-    for start in tqdm(range(0, video.n_frames, chunk), desc="rendering frames"):
-        uv = video.uv[start:start + chunk]
-        e = sample_atlas(atlas_edit.expand(uv.shape[0], -1, -1, -1), video.box, uv, video.cfg["align_corners"])
+    def __init__(self, atlas_edit, video: VideoAtlas, multiply_foreground_alpha: bool):
+        self.atlas_edit, self.video, self.multiply = atlas_edit, video, multiply_foreground_alpha
+        self.shape = torch.Size((video.n_frames, 4, *video.uv.shape[1:3]))
+
+    def __len__(self):
+        return self.shape[0]
+
+    @torch.no_grad()
+    def frames(self, start: int, stop: int):
+        """The edit layers of frames start..stop-1: [n, 4, H, W]."""
+        video = self.video
+        uv = video.uv[start:stop]
+        e = sample_atlas(self.atlas_edit.expand(uv.shape[0], -1, -1, -1), video.box, uv, video.cfg["align_corners"])
         colour, alpha = split_edit_layer(e)
-        fg_alpha = video.alpha[start:start + chunk]
+        fg_alpha = video.alpha[start:stop]
         if video.layer == "background":
             alpha = alpha * (1 - fg_alpha)
-        elif multiply_foreground_alpha:
+        elif self.multiply:
             alpha = alpha * fg_alpha
-        layers.append(torch.cat([colour, alpha], dim=1))
-    return atlas_edit, torch.cat(layers)
+        return torch.cat([colour, alpha], dim=1)
+
+    def __getitem__(self, key):
+        first, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
+        if isinstance(first, int):
+            first = slice(first, first + 1) if first != -1 else slice(first, None)
+            rest = (0, *rest)
+        start, stop, step = first.indices(len(self))
+        if step != 1:
+            raise IndexError("FrameEdits take contiguous frame ranges")
+        return self.frames(start, stop)[(slice(None), *rest)]
+
+    def __iter__(self):
+        for t in range(len(self)):
+            yield self.frames(t, t + 1)
+
+
+@torch.no_grad()
+def edit_video(generator, video: VideoAtlas, multiply_foreground_alpha: bool):
+    """The whole atlas edited once; its edit is sampled to each frame when that frame is used.
+
+    Returns (atlas edit layer [1, 4, h, w], FrameEdits: the per-frame edit layers [T, 4, H, W],
+    computed frame by frame on use)."""
+    atlas_edit = generator(video.atlas).float()
+    return atlas_edit, FrameEdits(atlas_edit, video, multiply_foreground_alpha)
 
 
 def composite_layers(frames, edit_layers: list):
@@ -131,29 +162,43 @@ def composite_layers(frames, edit_layers: list):
     return out
 
 
-def save_video_outputs(folder: Path, frames, edit_layers: list, fps: int, atlases: dict | None = None,
-                       layer_formats=("webm", "png")):
-    """Write final/-style outputs into `folder` (built in a temporary folder, then swapped in).
-    The edit layer is written as green-screen MP4 and in each of `layer_formats`: webm (VP9
-    with alpha), prores (ProRes 4444 .mov with alpha), png (an RGBA frame sequence)."""
+def frame_outputs(frames, edit_layers: list) -> dict:
+    """What final/ shows of frames [n, 3, H, W] under their edit layers ([n, 4, H, W] each,
+    bottom first): the output, all edit layers as one RGBA layer (top: opacity 1 - prod(1 -
+    alpha_i), colour un-premultiplied) and that layer over the green screen."""
     output = composite_layers(frames, edit_layers)
-    # all edit layers as one RGBA layer: opacity 1 - prod(1 - alpha_i), colour un-premultiplied
     opacity = 1 - torch.stack([1 - layer[:, 3:] for layer in edit_layers]).prod(dim=0)
     premultiplied = composite_layers(torch.zeros_like(frames), edit_layers)
     top = torch.cat([premultiplied / opacity.clamp(min=1e-6), opacity], dim=1)
-    green = compositing.over_green(top[:, :3], top[:, 3:])
+    return {"output": output, "top": top, "green": compositing.over_green(top[:, :3], top[:, 3:])}
+
+
+def save_video_outputs(folder: Path, frames, edit_layers: list, fps: int, atlases: dict | None = None,
+                       layer_formats=("webm", "png")):
+    """Write final/-style outputs into `folder` (built in a temporary folder, then swapped in),
+    frame by frame: every writer is open at once and gets each frame as it is made, so no
+    whole-video copy is held. frames [T, 3, H, W]; edit_layers: [T, 4, H, W] tensors or
+    FrameEdits, bottom first. The edit layer is written as green-screen MP4 and in each of
+    `layer_formats`: webm (VP9 with alpha), prores (ProRes 4444 .mov with alpha), png (an RGBA
+    frame sequence)."""
+    T = frames.shape[0]
 
     def write(tmp):
-        write_video(output, tmp / "edited.mp4", fps)
-        write_video(green, tmp / "edit_layer_green.mp4", fps)
-        write_video(torch.cat([frames, green, output], dim=-1), tmp / "side_by_side.mp4", fps)
-        for t in range(frames.shape[0]):
-            save_png(output[t:t + 1], tmp / "frames" / f"{t:05d}.png")
-            if "png" in layer_formats:
-                save_png(top[t:t + 1], tmp / "edit_layer_rgba" / f"{t:05d}.png")
-        for fmt in layer_formats:
-            if fmt != "png":
-                write_alpha_video(top, tmp / ("edit_layer" + FORMATS[fmt]["suffix"]), fps, fmt)
+        with contextlib.ExitStack() as stack:
+            videos = {name: stack.enter_context(VideoWriter(tmp / f"{name}.mp4", fps))
+                      for name in ("edited", "edit_layer_green", "side_by_side")}
+            alpha_videos = [stack.enter_context(AlphaVideoWriter(tmp / ("edit_layer" + FORMATS[fmt]["suffix"]), fps, fmt))
+                            for fmt in layer_formats if fmt != "png"]
+            for t in tqdm(range(T), desc="writing frames", disable=T < 2):
+                made = frame_outputs(frames[t:t + 1], [layer[t:t + 1] for layer in edit_layers])
+                videos["edited"].append(made["output"])
+                videos["edit_layer_green"].append(made["green"])
+                videos["side_by_side"].append(torch.cat([frames[t:t + 1], made["green"], made["output"]], dim=-1))
+                save_png(made["output"], tmp / "frames" / f"{t:05d}.png")
+                if "png" in layer_formats:
+                    save_png(made["top"], tmp / "edit_layer_rgba" / f"{t:05d}.png")
+                for writer in alpha_videos:
+                    writer.append(made["top"])
         for name, image in (atlases or {}).items():
             save_png(image, tmp / f"{name}.png")
     replace_folder(write, folder)
