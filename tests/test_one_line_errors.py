@@ -12,7 +12,6 @@ clean-up of a failed atomic write is also checked by refusing the writes at the 
 import errno
 import struct
 import subprocess
-import sys
 import warnings
 import zlib
 from pathlib import Path
@@ -23,16 +22,19 @@ import yaml
 from PIL import Image
 
 import text2live
+from util.cli import run_cli
 from util.errors import ConfigError, InputError, SaveError
 
-REPO = Path(__file__).resolve().parent.parent
 
-
-def run_script(*args, timeout=300):
-    out = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                         check=False)
-    errors = [line for line in out.stderr.splitlines() if line.startswith(("error", "Traceback"))]
-    return out.returncode, errors, out
+def run_script(capsys, script: str, *args):
+    """A command line run as typed (its main through util.cli.run_cli, in this process: no
+    second torch import): (exit status, its error or traceback lines, all of stderr)."""
+    import importlib
+    main = importlib.import_module(script.removesuffix(".py")).main
+    with pytest.raises(SystemExit) as e:
+        run_cli(main, [str(a) for a in args])
+    err = capsys.readouterr().err
+    return e.value.code, [line for line in err.splitlines() if line.startswith(("error", "Traceback"))], err
 
 
 def png_chunk(kind: bytes, data: bytes) -> bytes:
@@ -63,10 +65,10 @@ def bombs(tmp_path_factory):
 # ---- images over the decompression limit --------------------------------------------------
 
 @pytest.mark.parametrize("name", ["valid.png", "crafted.png"])
-def test_train_image_refuses_a_decompression_bomb_in_one_line(bombs, name, tiny_overrides, tmp_path):
+def test_train_image_refuses_a_decompression_bomb_in_one_line(bombs, name, tiny_overrides, tmp_path, capsys):
     assert len((bombs / "crafted.png").read_bytes()) <= 69
-    code, errors, out = run_script("train_image.py", *tiny_overrides, f"image_path={bombs / name}")
-    assert code == 2 and len(errors) == 1, out.stderr
+    code, errors, err = run_script(capsys, "train_image.py", *tiny_overrides, f"image_path={bombs / name}")
+    assert code == 2 and len(errors) == 1, err
     assert errors[0].startswith(f"error: image_path {bombs / name} is too large to read")
     assert "downscale it" in errors[0] and not (tmp_path / "results").exists()
 
@@ -130,14 +132,14 @@ def test_a_failed_write_whose_clean_up_fails_too_raises_only_the_first(tmp_path,
     assert e.value.__context__.__context__ is None and e.value.__suppress_context__  # the clean-up raised nothing
 
 
-def test_outputs_that_are_read_only_or_a_file_are_one_line(read_only, tmp_path, tiny_video, tiny_clip_file):
+def test_outputs_that_are_read_only_or_a_file_are_one_line(read_only, tmp_path, tiny_video, capsys):
     jobs = tmp_path / "jobs.yaml"
     jobs.write_text(yaml.safe_dump({"jobs": [{"example_config": "golden_horse"}]}))
     a_file = tmp_path / "a-file"
     a_file.write_text("x")
     cases = [
         (["batch.py", jobs, "--out", read_only / "batch"], "Read-only file system"),
-        (["batch.py", jobs, "--out", a_file], f"{a_file} is a file where a folder is needed"),
+        (["batch.py", jobs, "--out", a_file], f"could not write {a_file}: {a_file} is a file where a folder is needed"),
         (["batch.py", jobs, "--out", a_file / "below"], f"{a_file} is a file where a folder is needed"),
         (["train_nla.py", "--video", tiny_video / "frames", "--out", read_only / "atlas", "resx=48", "resy=32"],
          "Read-only file system"),
@@ -147,23 +149,23 @@ def test_outputs_that_are_read_only_or_a_file_are_one_line(read_only, tmp_path, 
          f"{a_file} is a file where a folder is needed"),
     ]
     for args, message in cases:
-        code, errors, out = run_script(*args)
-        assert code == 1 and len(errors) == 1 and message in errors[0], (args, out.stderr)
+        code, errors, err = run_script(capsys, *args)
+        assert code == 1 and len(errors) == 1 and message in errors[0], (args, err)
     assert not (tmp_path / "runs").exists() and a_file.read_text() == "x"
 
 
 # ---- paths of the wrong kind ----------------------------------------------------------------
 
-def test_a_path_of_the_wrong_kind_is_not_called_missing(tmp_path, tiny_video):
+def test_a_path_of_the_wrong_kind_is_not_called_missing(tmp_path, tiny_video, capsys):
     from jobs.batch import read_jobs
     with pytest.raises(ConfigError, match=f"jobs file {tmp_path} is a folder, not a file"):
         read_jobs(tmp_path)
     mask_file = tmp_path / "mask.png"
     Image.new("L", (48, 32)).save(mask_file)
-    code, errors, out = run_script("train_nla.py", "--video", tiny_video / "frames", "--masks", mask_file,
+    code, errors, err = run_script(capsys, "train_nla.py", "--video", tiny_video / "frames", "--masks", mask_file,
                                    "--out", tmp_path / "atlas", "resx=48", "resy=32")
     assert code == 2 and errors == [f"error: masks {mask_file} is a file; give the folder holding one mask image "
-                                    "per frame"], out.stderr
+                                    "per frame"], err
     assert not (tmp_path / "atlas").exists()
     with pytest.raises(InputError, match=f"checkpoint_path {tmp_path} is a folder without a 'checkpoint' file"):
         text2live.edit_video(tmp_path, "snow")
@@ -192,23 +194,23 @@ def test_a_nan_image_array_is_one_error_without_numpy_warnings(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-def test_evaluate_names_its_clip_flag(tmp_path):
+def test_evaluate_names_its_clip_flag(tmp_path, capsys):
     run = tmp_path / "run"
     (run / "final").mkdir(parents=True)
     (run / "config.yaml").write_text("comp_text: gold\n")
     (run / "model.pt").write_bytes(b"")
-    code, errors, out = run_script("evaluate.py", run, "--clip", tmp_path / "missing.pt", "--device", "cpu")
-    assert code == 2 and len(errors) == 1 and "fix --clip" in errors[0], out.stderr
-    assert "clip_model_name" not in out.stderr
+    code, errors, err = run_script(capsys, "evaluate.py", run, "--clip", tmp_path / "missing.pt", "--device", "cpu")
+    assert code == 2 and len(errors) == 1 and "fix --clip" in errors[0], err
+    assert "clip_model_name" not in err
 
 
-def test_a_typo_common_to_every_batch_job_is_one_error_of_the_command_line(tmp_path):
+def test_a_typo_common_to_every_batch_job_is_one_error_of_the_command_line(tmp_path, capsys):
     jobs = tmp_path / "jobs.yaml"
     jobs.write_text(yaml.safe_dump({"jobs": [{"example_config": "golden_horse"}, {"example_config": "ice_cake"},
                                              {"example_config": "car-turn_winter"}]}))
-    code, errors, out = run_script("batch.py", jobs, "n_epoch=3")
+    code, errors, err = run_script(capsys, "batch.py", jobs, "n_epoch=3")
     assert code == 2 and errors == ["error: unknown config key 'n_epoch' in the command line; did you mean "
-                                    "'n_epochs'?"], out.stderr
+                                    "'n_epochs'?"], err
     assert not (tmp_path / "runs").exists() and not (tmp_path / "summary.csv").exists()
 
 

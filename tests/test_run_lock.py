@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from util.cli import run_cli
 from util.errors import FolderInUseError
 from util.processes import LOCK_NAME, FolderLock, pid_alive
 
@@ -118,21 +119,27 @@ def test_two_jobs_of_one_process_do_not_share_a_folder(tmp_path):
     assert not (tmp_path / "run" / LOCK_NAME).exists()
 
 
-def run_script(*args, timeout=300):
-    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout)
+def run_script(capsys, script: str, *args):
+    """A command line as typed (its main through util.cli.run_cli, in this process): (exit
+    status, stderr's non-empty lines)."""
+    import importlib
+    main = importlib.import_module(script.removesuffix(".py")).main
+    with pytest.raises(SystemExit) as e:
+        run_cli(main, [str(a) for a in args])
+    return e.value.code, [line for line in capsys.readouterr().err.splitlines() if line.strip()]
 
 
-def test_train_image_refuses_to_resume_a_run_another_process_writes(tmp_path, tiny_overrides, other_process):
-    run = run_script("train_image.py", *tiny_overrides, "n_epochs=2", "log_images_freq=2", "write_metrics=false")
-    assert run.returncode == 0, run.stderr
-    run_dir = next((tmp_path / "results").iterdir())
+def test_train_image_refuses_to_resume_a_run_another_process_writes(tmp_path, tiny_overrides, other_process,
+                                                                     capsys):
+    import train_image
+    run_dir = train_image.main([*tiny_overrides, "n_epochs=1", "log_images_freq=1", "write_metrics=false",
+                                "resize_input=64", "bootstrap_epoch=0"])
     assert not (run_dir / LOCK_NAME).exists()  # released at the end
     lock_held_by(run_dir, other_process.pid)
     before = listing(run_dir)
-    again = run_script("train_image.py", f"resume={run_dir}", "n_epochs=4")
-    errors = [line for line in again.stderr.splitlines() if line.strip()]
-    assert again.returncode == 2 and len(errors) == 1, again.stderr
+    capsys.readouterr()
+    code, errors = run_script(capsys, "train_image.py", f"resume={run_dir}", "n_epochs=4")
+    assert code == 2 and len(errors) == 1, errors
     assert errors[0].startswith("error: run folder") and f"process {other_process.pid}" in errors[0]
     assert listing(run_dir) == before  # nothing written
 
@@ -151,14 +158,13 @@ def test_a_video_edit_in_a_folder_another_process_writes_is_refused(tmp_path, ti
         resume_config("video", run_dir, [], "train_video.py")
 
 
-def test_train_nla_refuses_an_atlas_folder_another_process_writes(tmp_path, tiny_video, other_process):
+def test_train_nla_refuses_an_atlas_folder_another_process_writes(tmp_path, tiny_video, other_process, capsys):
     out = tmp_path / "atlas"
     lock_held_by(out, other_process.pid, command="python train_nla.py --out atlas")
     before = listing(out)
-    run = run_script("train_nla.py", "--video", tiny_video / "frames", "--out", out, "resx=48", "resy=32",
-                     "iters_num=2", "device=cpu")
-    errors = [line for line in run.stderr.splitlines() if line.startswith("error")]
-    assert run.returncode == 2 and len(errors) == 1, run.stderr
+    code, errors = run_script(capsys, "train_nla.py", "--video", tiny_video / "frames", "--out", out, "resx=48",
+                              "resy=32", "iters_num=2", "device=cpu")
+    assert code == 2 and len(errors) == 1, errors
     assert errors[0].startswith(f"error: atlas folder {out} is being written by process {other_process.pid}")
     assert listing(out) == before  # no flow cache, no config.yaml
 
