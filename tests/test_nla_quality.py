@@ -146,3 +146,19 @@ def test_shares_over_one_are_refused_in_one_line(clip, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
     with pytest.raises(ConfigError, match="sample_error_share"):
         load_config("nla", overrides=["sample_error_share=1.5"])
+
+
+def test_a_finer_foreground_mapping_and_sharper_opacity_save_and_load(clip, tmp_path):
+    """grid_mapping_cell_foreground and grid_alpha_frequencies change the grid checkpoint's
+    architectures, which loading reads back (an atlas with the earlier defaults is the case
+    where both equal the background's cell and positional_encoding_num_alpha)."""
+    cfg, data = load_clip(clip, tmp_path, "grid_mapping_cell_foreground=4", "grid_alpha_frequencies=7")
+    nla = build_model(cfg, data)
+    assert nla.mapping_foreground.cell == 4 and nla.mapping_background.cell == 8 and nla.alpha.frequencies == 7
+    with torch.no_grad():
+        for p in nla.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    torch.save(nla.checkpoint(), tmp_path / "checkpoint")
+    loaded = NLAModel.from_checkpoint(tmp_path / "checkpoint", 64, 48, 6)
+    assert loaded.mapping_foreground.cell == 4 and loaded.mapping_background.cell == 8 and loaded.alpha.frequencies == 7
+    assert torch.equal(reconstruct(loaded), reconstruct(nla))
