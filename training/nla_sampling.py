@@ -21,7 +21,7 @@ from datasets.video_data import VideoData, sample_pixels
 BLOCK = 8  # pixels per side of the blocks the object and error shares are drawn by
 LATTICE = 4  # refresh() measures the error at every LATTICE-th pixel along x and y (16x fewer than all)
 REFRESH_EVERY = 250  # steps between two measurements of the error (about 3% of the training time)
-GRID_SHARES = (0.0, 0.0)  # (object, error) shares for the grid backend when the keys are null (README)
+GRID_SHARES = (0.3, 0.3)  # (object, error) shares for the grid backend when the keys are null (README)
 
 
 def sample_shares(cfg: dict, has_masks: bool) -> tuple[float, float]:
