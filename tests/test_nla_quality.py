@@ -162,3 +162,20 @@ def test_a_finer_foreground_mapping_and_sharper_opacity_save_and_load(clip, tmp_
     loaded = NLAModel.from_checkpoint(tmp_path / "checkpoint", 64, 48, 6)
     assert loaded.mapping_foreground.cell == 4 and loaded.mapping_background.cell == 8 and loaded.alpha.frequencies == 7
     assert torch.equal(reconstruct(loaded), reconstruct(nla))
+
+
+def test_measuring_the_error_of_a_long_video_renders_a_bounded_number_of_pixels(clip, tmp_path, monkeypatch):
+    """On a long video the lattice gets sparser (MAX_MEASURED pixels a refresh); blocks it
+    misses keep their previous weight."""
+    import training.nla_sampling as sampling
+    monkeypatch.setattr(sampling, "MAX_MEASURED", 300)
+    cfg, data = load_clip(clip, tmp_path, "sample_error_share=0.5")
+    nla = build_model(cfg, data)
+    rendered = []
+    forward = nla.forward
+    monkeypatch.setattr(nla, "forward", lambda p: rendered.append(p.shape[0]) or forward(p))
+    sampler = PixelSampler(data, cfg, torch.Generator().manual_seed(0))
+    sampler.refresh(nla)
+    assert 0 < sum(rendered) <= 300
+    missed = sampler.block_error == 1  # the initial weight: blocks the sparse lattice did not reach
+    assert 0 < int(missed.sum()) < missed.numel()

@@ -8,18 +8,21 @@ PixelSampler can give shares of each step's pixels to
     the object      blocks of BLOCK x BLOCK pixels that touch the object's mask (so its edges,
                     where the rough mask and the true outline disagree, are drawn too)
     the error       blocks drawn in proportion to their reconstruction error, measured on a
-                    sparse lattice of pixels every refresh_every steps (refresh)
+                    sparse lattice of pixels every REFRESH_EVERY steps (refresh)
 
 and draws the rest uniformly. With both shares 0 it draws exactly what sample_pixels draws
 (the official sampling, the same random numbers).
 """
+
+import math
 
 import torch
 
 from datasets.video_data import VideoData, sample_pixels
 
 BLOCK = 8  # pixels per side of the blocks the object and error shares are drawn by
-LATTICE = 4  # refresh() measures the error at every LATTICE-th pixel along x and y (16x fewer than all)
+LATTICE = 4  # refresh() measures the error at every LATTICE-th pixel along x and y (16x fewer than all),
+MAX_MEASURED = 2 ** 19  # or sparser, so that one refresh renders at most this many pixels (a long video)
 REFRESH_EVERY = 250  # steps between two measurements of the error (about 3% of the training time)
 GRID_SHARES = (0.3, 0.3)  # (object, error) shares for the grid backend when the keys are null (README)
 
@@ -60,7 +63,8 @@ class PixelSampler:
                 self.share_object = 0.0
         self.error_cdf = None
         if self.share_error > 0:
-            self.error_cdf = self.cdf(torch.ones(data.T, self.blocks_y, self.blocks_x, device=device))
+            self.block_error = torch.ones(data.T * self.blocks_y * self.blocks_x, device=device)  # [blocks]
+            self.error_cdf = self.cdf(self.block_error)
 
     @staticmethod
     def cdf(weights):
@@ -73,13 +77,15 @@ class PixelSampler:
     @torch.no_grad()
     def refresh(self, nla, chunk: int = 65536):
         """Measure the reconstruction's squared error on a lattice of pixels (every LATTICE-th
-        along x and y, offset by a random phase so no pixel is never measured) and make each
-        block's weight its mean error there (plus a floor of 1% of the mean, so no block is
-        starved)."""
+        along x and y, sparser on a long video so that at most MAX_MEASURED are rendered; offset
+        by a random phase, so every pixel is measured now and then) and make each measured
+        block's weight its mean error there (a block the lattice missed keeps its last weight),
+        plus a floor of 1% of the mean weight, so no block is starved."""
         data, device = self.data, self.rng.device
-        phase = torch.randint(0, LATTICE, (2,), generator=self.rng, device=device)
-        ys = torch.arange(0, data.H - 1, LATTICE, device=device) + phase[0]
-        xs = torch.arange(0, data.W - 1, LATTICE, device=device) + phase[1]
+        stride = max(LATTICE, math.ceil(math.sqrt(data.T * (data.H - 1) * (data.W - 1) / MAX_MEASURED)))
+        phase = torch.randint(0, stride, (2,), generator=self.rng, device=device)
+        ys = torch.arange(0, data.H - 1, stride, device=device) + phase[0]
+        xs = torch.arange(0, data.W - 1, stride, device=device) + phase[1]
         ys, xs = ys[ys < data.H - 1], xs[xs < data.W - 1]
         grid_t, grid_y, grid_x = torch.meshgrid(torch.arange(data.T, device=device), ys, xs, indexing="ij")
         t, y, x = grid_t.flatten(), grid_y.flatten(), grid_x.flatten()  # [M] each
@@ -92,8 +98,8 @@ class PixelSampler:
         block = (t * self.blocks_y + y // BLOCK) * self.blocks_x + x // BLOCK
         total = torch.zeros(data.T * self.blocks_y * self.blocks_x, device=device).index_add_(0, block, error)
         count = torch.zeros_like(total).index_add_(0, block, torch.ones_like(error))
-        mean = total / count.clamp(min=1)
-        self.error_cdf = self.cdf(mean + 0.01 * mean.mean().clamp(min=1e-8))
+        self.block_error = torch.where(count > 0, total / count.clamp(min=1), self.block_error)
+        self.error_cdf = self.cdf(self.block_error + 0.01 * self.block_error.mean().clamp(min=1e-8))
         self.measured = True
 
     def from_blocks(self, n: int, cdf):
