@@ -3,10 +3,11 @@
     python bench/bench_nla.py --video DIR [--masks DIR] --resx 432 --resy 240 --minutes 30 [key=value ...]
 
 Trains with the configured settings (configs/nla_config.yaml + overrides) until the budget is
-spent, then prints one JSON line: wall time, steps, reconstruction PSNR over all frames (and on
-and off the masks), and the flow warp error of a checkerboard edit mapped through the atlases
-to the frames, between consecutive frames and between frames 4 apart (drift), with the input
-video's own for scale. Values that are not finite (the PSNR on an empty mask) are written as null.
+spent, then prints one JSON line: wall time, steps, reconstruction PSNR over all frames and, with
+masks, inside them (psnr_object_db) and outside them (psnr_background_db), and the flow warp
+error of a checkerboard edit mapped through the atlases to the frames, between consecutive
+frames and between frames 4 apart (drift), with the input video's own for scale. Values that
+are not finite (the PSNR on an empty mask) are written as null.
 """
 
 import argparse
@@ -21,10 +22,11 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from datasets.flow import video_flows  # noqa: E402
-from datasets.video_data import VideoData, sample_pixels  # noqa: E402
+from datasets.video_data import VideoData  # noqa: E402
 from training.image import pick_device  # noqa: E402
 from training.nla import build_model, prepare_training  # noqa: E402
-from training.nla_eval import checkerboard_video, flow_warp_error, psnr, reconstruct, save_previews, strict_json  # noqa: E402
+from training.nla_eval import checkerboard_video, flow_warp_error, layer_psnrs, reconstruct, save_previews, strict_json  # noqa: E402
+from training.nla_sampling import PixelSampler  # noqa: E402
 from util.cli import run_cli  # noqa: E402
 from util.config import load_config, public  # noqa: E402
 from util.files import save_atomic  # noqa: E402
@@ -73,8 +75,11 @@ def main(argv=None):
         synchronize(device)
         training_began = time.time()
         steps, paused, next_log = 0, 0.0, args.log_minutes * 60
+        sampler = PixelSampler(data, cfg, sampler_rng)
         while steps < cfg["iters_num"]:
-            step(steps, sample_pixels(cfg["samples_batch"], data, sampler_rng))
+            if sampler.due(steps):  # part of training: its time counts
+                sampler.refresh(nla)
+            step(steps, sampler(cfg["samples_batch"]))
             steps += 1
             if steps % 20 == 0 or device.type != "cuda":
                 synchronize(device)
@@ -83,22 +88,25 @@ def main(argv=None):
             if args.log_minutes and time.time() - start - paused >= next_log:
                 synchronize(device)
                 began = time.time()
-                print(strict_json({"minutes": round(next_log / 60, 2), "steps": steps,
-                                   "psnr_db": round(psnr(reconstruct(nla), frames), 2)}), file=sys.stderr, flush=True)
+                psnrs = layer_psnrs(reconstruct(nla), frames, data.masks)
+                print(strict_json({"minutes": round(next_log / 60, 2), "steps": steps, "psnr_db": round(psnrs["video"], 2),
+                                   "psnr_object_db": psnrs["object"] and round(psnrs["object"], 2)}),
+                      file=sys.stderr, flush=True)
                 paused += time.time() - began
                 next_log += args.log_minutes * 60
         synchronize(device)
         train_seconds = time.time() - start - paused
         steps_per_second = steps / max(time.time() - training_began - paused, 1e-9)
         recon = reconstruct(nla)
+        psnrs = layer_psnrs(recon, frames, data.masks)
         result = {
             "video": args.video, "resolution": f"{data.W}x{data.H}", "frames": data.T, "device": str(device),
             "backend": cfg["atlas_backend"], "precision": str(nla.amp_dtype or "float32"),
             "wall_seconds": round(train_seconds, 1), "steps": steps,
             "steps_per_second": round(steps_per_second, 1),
             "samples_batch": cfg["samples_batch"], "cuda_graph": step.use_graph,
-            "psnr_db": round(psnr(recon, frames), 2),
-        }
+            "psnr_db": round(psnrs["video"], 2),
+        }  # and, with masks, psnr_object_db and psnr_background_db (below)
         # consistency of an edit: between consecutive frames, and (drift) between frames 4 apart
         checkers = checkerboard_video(nla)
         result["checkerboard_flow_warp_error"] = round(flow_warp_error(checkers, data.forward, data.forward_ok), 4)
@@ -109,11 +117,10 @@ def main(argv=None):
                 flow_warp_error(checkers, far["forward"], far["forward_ok"]), 4)
             result["input_flow_warp_error_4_apart"] = round(flow_warp_error(frames, far["forward"], far["forward_ok"]), 4)
         if data.masks is not None:  # where the error is: on the object or around it
-            inside = (data.masks >= 0.5)[:, None].expand_as(frames)
-            for name, where in (("psnr_object_db", inside), ("psnr_elsewhere_db", ~inside)):
-                result[name] = round(psnr(recon[where], frames[where]), 2)
+            result["psnr_object_db"] = round(psnrs["object"], 2)
+            result["psnr_background_db"] = round(psnrs["background"], 2)
         if args.previews:
-            save_previews(nla, data, Path(args.previews), cfg, recon)
+            save_previews(nla, data, Path(args.previews), cfg, recon, psnrs)
         if args.save:
             save_atlas(Path(args.save), nla, data, cfg, steps, args.video, args.masks)
     print(strict_json(result))

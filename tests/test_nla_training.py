@@ -485,4 +485,4 @@ def test_bench_prints_null_not_nan_for_the_psnr_of_empty_masks(synthetic_video, 
     def refuse(constant):
         raise ValueError(f"{constant} is not strict JSON")
     result = json.loads(line, parse_constant=refuse)
-    assert result["psnr_object_db"] is None and result["psnr_elsewhere_db"] > 0 and result["steps"] >= 1
+    assert result["psnr_object_db"] is None and result["psnr_background_db"] > 0 and result["steps"] >= 1

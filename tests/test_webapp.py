@@ -289,7 +289,8 @@ def test_atlas_job_trains_an_uploaded_video_and_video_job_edits_it(server, tiny_
     job.start(lambda progress: jobs.run_atlas_job(request, server, job, progress))
     assert [r.step for r in job.reports(poll=0.1) if r is not None] == [10]
     assert job.error is None and job.result == "my-clip" and jobs.list_atlases(server.atlases) == ["my-clip"]
-    assert jobs.atlas_preview(server.atlases / "my-clip", 10)  # what the page shows while it trains
+    preview = jobs.atlas_preview(server.atlases / "my-clip", 10)  # what the page shows while it trains
+    assert preview and preview[0][1].startswith("input | reconstruction (video ")  # and its PSNR (no masks here)
 
     edit = jobs.VideoRequest("my-clip", "background", "snowy table", "snow", None, None, 2, 0, "cpu", 1)
     jobs.check_video_request(edit, server)

@@ -24,12 +24,13 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from datasets.video_data import VideoData, sample_pixels
+from datasets.video_data import VideoData
 from models.nla import MLP, GridAtlas, GridMapping, NLAModel
 from training.image import pick_device, save_atomic
-from training.nla_eval import psnr, reconstruct, save_previews
+from training.nla_eval import layer_psnrs, psnr_summary, reconstruct, save_previews
 from training.nla_init import pretrain_mappings
 from training.nla_optim import load_optimizer_state, make_optimizer
+from training.nla_sampling import PixelSampler
 from training.nla_step import TrainingStep
 from util.config import ConfigError, public
 from util.errors import USER_ERRORS
@@ -43,14 +44,17 @@ def build_model(cfg: dict, data: VideoData) -> NLAModel:
     """The four networks: the official MLPs (atlas_backend=mlp), or dense grids for the atlas and
     the mappings with a small opacity MLP (atlas_backend=grid)."""
     if cfg["atlas_backend"] == "grid":
+        cell_background = cfg["grid_mapping_cell"]
+        cell_foreground = cfg.get("grid_mapping_cell_foreground") or cell_background
+        alpha_frequencies = cfg.get("grid_alpha_frequencies") or cfg["positional_encoding_num_alpha"]
         networks = {
-            "mapping_foreground": GridMapping(data.W, data.H, data.T, cfg["grid_mapping_cell"], cfg["uv_mapping_scale"],
+            "mapping_foreground": GridMapping(data.W, data.H, data.T, cell_foreground, cfg["uv_mapping_scale"],
                                               cfg["grid_mapping_levels"]),
-            "mapping_background": GridMapping(data.W, data.H, data.T, cfg["grid_mapping_cell"], cfg["uv_mapping_scale"],
+            "mapping_background": GridMapping(data.W, data.H, data.T, cell_background, cfg["uv_mapping_scale"],
                                               cfg["grid_mapping_levels"]),
             "atlas": GridAtlas(3, levels=cfg["grid_levels"], features=cfg["grid_features"],
                                max_resolution=cfg["grid_max_resolution"], width=cfg["grid_mlp_width"]),
-            "alpha": MLP(3, 1, cfg["grid_alpha_layers"], cfg["grid_alpha_width"], cfg["positional_encoding_num_alpha"]),
+            "alpha": MLP(3, 1, cfg["grid_alpha_layers"], cfg["grid_alpha_width"], alpha_frequencies),
         }
         return NLAModel(data.W, data.H, data.T, networks)
     atlas_layers = cfg["number_of_layers_atlas"]
@@ -116,6 +120,35 @@ def load_resume_optimizer(path: Path, iteration: int):
                       "model with fresh optimizer moments")
         return None
     return saved["optimizer_state_dict"]
+
+
+PSNR_LOG_COLUMNS = ["iteration", "seconds", "batch_psnr", "video_psnr", "object_psnr", "background_psnr"]
+
+
+def open_psnr_log(path: Path, resuming: bool):
+    """psnr_log.csv opened for appending rows of PSNR_LOG_COLUMNS (a new file unless resuming);
+    a log from before the object and background columns existed gets them, empty, in its old
+    rows. Returns (file, csv writer)."""
+    rows = []
+    if resuming and path.is_file():
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+    if rows and rows[0] == PSNR_LOG_COLUMNS:
+        log = open(path, "a", newline="")
+        return log, csv.writer(log)
+    log = open(path, "w", newline="")
+    writer = csv.writer(log)
+    writer.writerow(PSNR_LOG_COLUMNS)
+    for row in rows[1:]:
+        writer.writerow(row + [""] * (len(PSNR_LOG_COLUMNS) - len(row)))
+    return log, writer
+
+
+def log_values(psnrs: dict) -> list:
+    """layer_psnrs' values as psnr_log.csv cells: rounded, empty where there is no mask (or the
+    region is empty)."""
+    return ["" if value is None or math.isnan(value) else round(value, 3)
+            for value in (psnrs["video"], psnrs["object"], psnrs["background"])]
 
 
 def file_megabytes(path: Path) -> float:
@@ -193,28 +226,26 @@ def _train(cfg: dict, video_path, masks_path, out_dir: Path, progress=None) -> P
         save_atomic({**nla.checkpoint(), "iteration": iteration,
                      "resx": data.W, "resy": data.H, "number_of_frames": data.T}, ckpt_path)
 
-    log_path = out_dir / "psnr_log.csv"
-    new_log = not log_path.exists() or start == 0
-    log = open(log_path, "w" if new_log else "a", newline="")
-    writer = csv.writer(log)
-    if new_log:
-        writer.writerow(["iteration", "seconds", "batch_psnr", "video_psnr"])
+    log, writer = open_psnr_log(out_dir / "psnr_log.csv", resuming=start > 0)
     began = time.time()
     bar = tqdm(range(start, cfg["iters_num"]), initial=start, total=cfg["iters_num"], desc="atlas", dynamic_ncols=True)
     it = start
+    sampler = PixelSampler(data, cfg, sampler_rng)
     try:
         for it in bar:
-            terms, mse = step(it, sample_pixels(cfg["samples_batch"], data, sampler_rng))
+            if sampler.due(it):
+                sampler.refresh(nla)
+            terms, mse = step(it, sampler(cfg["samples_batch"]))
             done = it + 1
             if done % 10 == 0 or done % cfg["evaluate_every"] == 0:  # reading values waits for the GPU
                 batch_psnr = 10 * math.log10(1 / max(float(mse), 1e-12))
                 bar.set_postfix(psnr=f"{batch_psnr:.2f}dB", loss=f"{float(sum(terms.values())):.3f}")
             if done % cfg["evaluate_every"] == 0 and done < cfg["iters_num"]:
                 recon = reconstruct(nla)
-                video_psnr = psnr(recon, data.frames.permute(0, 3, 1, 2))
-                writer.writerow([done, round(time.time() - began, 1), round(batch_psnr, 3), round(video_psnr, 3)])
+                psnrs = layer_psnrs(recon, data.frames.permute(0, 3, 1, 2), data.masks)
+                writer.writerow([done, round(time.time() - began, 1), round(batch_psnr, 3), *log_values(psnrs)])
                 log.flush()
-                save_previews(nla, data, out_dir / "previews" / f"iter_{done:06d}", cfg, recon)
+                save_previews(nla, data, out_dir / "previews" / f"iter_{done:06d}", cfg, recon, psnrs)
                 save(done)
                 mid = data.T // 2
                 if progress is not None and progress(done, cfg["iters_num"], recon[mid:mid + 1]) is False:
@@ -230,12 +261,12 @@ def _train(cfg: dict, video_path, masks_path, out_dir: Path, progress=None) -> P
         bar.close()
     save(it)  # cfg["iters_num"] unless progress stopped the run
     recon = reconstruct(nla)
-    video_psnr = psnr(recon, data.frames.permute(0, 3, 1, 2))
-    writer.writerow([it, round(time.time() - began, 1), "", round(video_psnr, 3)])
+    psnrs = layer_psnrs(recon, data.frames.permute(0, 3, 1, 2), data.masks)
+    writer.writerow([it, round(time.time() - began, 1), "", *log_values(psnrs)])
     log.close()
-    save_previews(nla, data, out_dir / "previews" / "final", cfg, recon)
+    save_previews(nla, data, out_dir / "previews" / "final", cfg, recon, psnrs)
     write_video((torch.cat([data.frames[t].permute(2, 0, 1), recon[t]], dim=-1) for t in range(data.T)),
                 out_dir / "reconstruction.mp4", cfg["fps"])  # input | reconstruction, one frame at a time
-    print(f"atlas checkpoint: {ckpt_path} ({file_megabytes(ckpt_path):.1f} MB, video PSNR {video_psnr:.2f} dB); "
+    print(f"atlas checkpoint: {ckpt_path} ({file_megabytes(ckpt_path):.1f} MB, reconstruction PSNR {psnr_summary(psnrs)}); "
           f"{opt_path.name} ({file_megabytes(opt_path):.1f} MB) is only needed to continue training")
     return ckpt_path

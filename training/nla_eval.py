@@ -49,6 +49,39 @@ def psnr(a, b) -> float:
     return 10 * math.log10(1 / max(mse, 1e-12))
 
 
+def layer_psnrs(recon, frames, masks=None) -> dict:
+    """The reconstruction's PSNR (dB) over the whole video ("video"), inside the object masks
+    ("object": mask >= 0.5) and outside them ("background"). recon, frames [T, 3, H, W] in
+    [0, 1]; masks [T, H, W] or None (then object and background are None). A region with no
+    pixel gets NaN. Summed frame by frame: no whole-video temporary."""
+    sse_all = sse_object = sse_background = pixels_object = 0.0
+    for t in range(recon.shape[0]):
+        error = ((recon[t].float() - frames[t].float().to(recon.device)) ** 2).sum(dim=0)  # [H, W]
+        sse_all += float(error.sum())
+        if masks is not None:
+            on_object = masks[t].to(recon.device) >= 0.5
+            sse_object += float(error[on_object].sum())
+            sse_background += float(error[~on_object].sum())
+            pixels_object += int(on_object.sum())
+    channels, pixels = recon.shape[1], recon.shape[0] * recon.shape[2] * recon.shape[3]
+
+    def db(sse, n):
+        return math.nan if n == 0 else 10 * math.log10(1 / max(sse / (n * channels), 1e-12))
+    result = {"video": db(sse_all, pixels), "object": None, "background": None}
+    if masks is not None:
+        result["object"] = db(sse_object, pixels_object)
+        result["background"] = db(sse_background, pixels - pixels_object)
+    return result
+
+
+def psnr_summary(psnrs: dict) -> str:
+    """layer_psnrs' result as text: '27.31 dB (object 21.50, background 28.40)'."""
+    text = f"{psnrs['video']:.2f} dB"
+    if psnrs["object"] is not None:
+        text += f" (object {psnrs['object']:.2f}, background {psnrs['background']:.2f})"
+    return text
+
+
 def checkerboard(uv, squares: int = 20):
     """A two-colour checkerboard texture evaluated at UVs [..., 2] -> [..., 1] in {0, 1}."""
     cells = torch.floor(uv * squares)
@@ -89,19 +122,33 @@ def flow_warp_error(video, forward, forward_ok) -> float:
     return float(torch.cat(errors).mean())
 
 
+def mask_outline(mask):
+    """The pixels of a mask [H, W] (>= 0.5) that touch a pixel outside it: [H, W] bool."""
+    inside = (mask >= 0.5).float()[None, None]
+    eroded = -F.max_pool2d(-inside, 3, stride=1, padding=1)  # 1 where the whole 3x3 neighbourhood is inside
+    return (inside - eroded)[0, 0] > 0
+
+
 @torch.no_grad()
-def save_previews(nla: NLAModel, data: VideoData, folder: Path, cfg: dict, recon=None):
-    """Reconstruction vs input, its error (|difference| x 4), both atlases (the part the video
-    uses), and the checkerboard mapped through them."""
+def save_previews(nla: NLAModel, data: VideoData, folder: Path, cfg: dict, recon=None, psnrs=None):
+    """Reconstruction vs input, its error (|difference| x 4, the mask's outline in green), both
+    atlases (the part the video uses), the checkerboard mapped through them, and psnr.json (the
+    reconstruction's PSNR over the video, on the object and on the background: layer_psnrs)."""
     device = next(nla.parameters()).device
     folder.mkdir(parents=True, exist_ok=True)
     recon = reconstruct(nla) if recon is None else recon
     frames = data.frames.permute(0, 3, 1, 2)
+    psnrs = layer_psnrs(recon, frames, data.masks) if psnrs is None else psnrs
+    (folder / "psnr.json").write_text(strict_json({name: None if value is None else round(value, 3)
+                                                   for name, value in psnrs.items()}) + "\n")
     mid = data.T // 2
     for t in (0, mid):
         save_png(torch.cat([frames[t:t + 1], recon[t:t + 1]], dim=-1), folder / f"reconstruction_{t:05d}.png")
-        error = (recon[t:t + 1] - frames[t:t + 1]).abs().mean(dim=1, keepdim=True)  # [1, 1, H, W]
-        save_png((4 * error).clamp(0, 1).expand(-1, 3, -1, -1), folder / f"error_x4_{t:05d}.png")
+        error = (4 * (recon[t] - frames[t]).abs().mean(dim=0)).clamp(0, 1).expand(3, -1, -1).clone()  # [3, H, W]
+        if data.masks is not None:
+            outline = mask_outline(data.masks[t].to(error.device))
+            error[:, outline] = torch.tensor([0.0, 1.0, 0.0], device=error.device)[:, None]
+        save_png(error[None], folder / f"error_x4_{t:05d}.png")
     used = {"foreground": [], "background": []}  # UV corners each layer shows in each frame
     for t in range(data.T):
         maps = nla.render_frame(t, device=device)

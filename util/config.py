@@ -134,10 +134,14 @@ NLA_RULES = {
     "flow_gaps": dict(type="ints", min=1, contains=1),
     "grid_alpha_layers": dict(type="int", min=2),
     "grid_alpha_width": dict(type="int", min=1),
+    "grid_alpha_frequencies": dict(type="int", min=0, max=16, nullable=True),
+    "grid_mapping_cell_foreground": dict(type="int", min=1, nullable=True),
     "derivative_amount": dict(type="int", min=1),
     "pretrain_iter_number": dict(type="int", min=0),
     "uv_mapping_scale": dict(type="float", min=0.05, max=1.0),
     "evaluate_every": dict(type="int", min=1),
+    "sample_object_share": dict(type="float", min=0.0, max=1.0, nullable=True),
+    "sample_error_share": dict(type="float", min=0.0, max=1.0, nullable=True),
 }
 
 # One schema per kind: the keys that mean the same share one rule.
@@ -473,8 +477,12 @@ def check_mask_labels(labels):
 
 
 def check_nla_config(cfg: dict) -> None:
-    """Checks for train_nla.py beyond single values: the mask labels to keep."""
+    """Checks for train_nla.py beyond single values: the mask labels to keep, the sampling shares."""
     check_mask_labels(cfg["mask_labels"])
+    shares = (cfg.get("sample_object_share") or 0.0) + (cfg.get("sample_error_share") or 0.0)
+    if shares > 1:
+        raise ConfigError(f"sample_object_share + sample_error_share is {shares:g}, more than all of a step's pixels; "
+                          "make them add up to at most 1 (e.g. sample_object_share=0.3 sample_error_share=0.3)")
 
 
 CHECKS = {"image": check_image_config, "video": check_video_config, "nla": check_nla_config}

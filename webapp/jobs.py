@@ -10,6 +10,7 @@ command line that reproduces it.
     pretrained_nla_models/<name>/        atlases trained from uploaded videos (--atlases)
 """
 
+import json
 import math
 import queue
 import re
@@ -625,7 +626,13 @@ def atlas_preview(atlas: Path, iteration: int) -> list:
     if not folder.is_dir():
         return []
     recon = sorted(folder.glob("reconstruction_*.png"))
-    return [(p, "input | reconstruction") for p in recon[len(recon) // 2:][:1]] + \
+    caption = "input | reconstruction"
+    if (folder / "psnr.json").is_file():  # the reconstruction's PSNR, on the object and off it
+        psnrs = json.loads((folder / "psnr.json").read_text())
+        parts = [f"{name} {psnrs[name]:.1f} dB" for name in ("video", "object", "background")
+                 if isinstance(psnrs.get(name), (int, float))]
+        caption += f" ({', '.join(parts)})" if parts else ""
+    return [(p, caption) for p in recon[len(recon) // 2:][:1]] + \
         [(p, p.stem.replace("_", " ")) for p in sorted(folder.glob("atlas_*.png"))]
 
 

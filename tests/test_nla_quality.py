@@ -1,0 +1,181 @@
+"""Atlas quality on the object: PSNR inside and outside the masks, and where training samples go."""
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import train_nla
+from datasets.video_data import VideoData, sample_pixels
+from models.nla import NLAModel
+from training.nla import PSNR_LOG_COLUMNS, build_model, open_psnr_log
+from training.nla_eval import layer_psnrs, reconstruct
+from training.nla_sampling import BLOCK, PixelSampler
+from util.config import ConfigError, load_config
+
+SMALL_GRIDS = ["grid_levels=5", "grid_max_resolution=256", "grid_mapping_cell=8", "grid_alpha_width=32",
+               "grid_alpha_layers=3"]
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    """6 frames of 64x48 noise with a 12x10 object (its mask) moving 4 px/frame to the right."""
+    root = tmp_path_factory.mktemp("clip")
+    (root / "frames").mkdir()
+    (root / "masks").mkdir()
+    rng = np.random.default_rng(0)
+    background = rng.integers(0, 256, (48, 80, 3), dtype=np.uint8)
+    for t in range(6):
+        frame = background[:, 2 * t:2 * t + 64].copy()
+        mask = np.zeros((48, 64), np.uint8)
+        frame[20:30, 10 + 4 * t:22 + 4 * t] = [240, 200, 30]
+        mask[20:30, 10 + 4 * t:22 + 4 * t] = 255
+        Image.fromarray(frame).save(root / "frames" / f"{t:05d}.png")
+        Image.fromarray(mask).save(root / "masks" / f"{t:05d}.png")
+    return root
+
+
+def load_clip(clip, tmp_path, *overrides):
+    cfg = load_config("nla", overrides=["resx=64", "resy=48", "device=cpu", *SMALL_GRIDS, *overrides])
+    return cfg, VideoData(clip / "frames", clip / "masks", cfg, tmp_path, torch.device("cpu"))
+
+
+def test_object_and_background_psnr_of_a_clip_whose_error_is_known(clip, tmp_path):
+    """A reconstruction off by 0.1 on the object and 0.01 elsewhere (every channel): 20 dB on
+    the object, 40 dB on the background, and the pixel-weighted mix over the video."""
+    _, data = load_clip(clip, tmp_path)
+    frames = data.frames.permute(0, 3, 1, 2)  # [T, 3, H, W]
+    on_object = (data.masks >= 0.5)[:, None]  # [T, 1, H, W]
+    assert int(on_object.sum()) == 6 * 12 * 10  # the masks are read exactly at this size
+    recon = frames + torch.where(on_object, 0.1, 0.01)
+    psnrs = layer_psnrs(recon, frames, data.masks)
+    share = 12 * 10 / (64 * 48)
+    assert psnrs["object"] == pytest.approx(20.0, abs=1e-4)
+    assert psnrs["background"] == pytest.approx(40.0, abs=1e-4)
+    assert psnrs["video"] == pytest.approx(-10 * math.log10(share * 0.1 ** 2 + (1 - share) * 0.01 ** 2), abs=1e-4)
+    assert layer_psnrs(recon, frames) == {"video": psnrs["video"], "object": None, "background": None}
+    assert math.isnan(layer_psnrs(recon, frames, torch.zeros_like(data.masks))["object"])
+
+
+def test_training_logs_object_and_background_psnr(clip, tmp_path, capsys):
+    out = tmp_path / "atlas"
+    args = ["--video", str(clip / "frames"), "--masks", str(clip / "masks"), "--out", str(out), "resx=64",
+            "resy=48", "iters_num=60", "samples_batch=1000", "evaluate_every=30", "device=cpu", *SMALL_GRIDS]
+    train_nla.main(args)
+    last_line = capsys.readouterr().out.strip().splitlines()[-1]
+    with open(out / "psnr_log.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == PSNR_LOG_COLUMNS and [r["iteration"] for r in rows] == ["30", "60"]
+    final = json.loads((out / "previews" / "final" / "psnr.json").read_text())
+    assert json.loads((out / "previews" / "iter_000030" / "psnr.json").read_text()).keys() == final.keys()
+    assert float(rows[-1]["object_psnr"]) == pytest.approx(final["object"], abs=1e-3)
+    assert float(rows[-1]["background_psnr"]) == pytest.approx(final["background"], abs=1e-3)
+    assert f"object {final['object']:.2f}, background {final['background']:.2f}" in last_line
+    # the numbers are the saved model's (up to bf16 rounding during training)
+    _, data = load_clip(clip, tmp_path)
+    nla = NLAModel.from_checkpoint(out / "checkpoint", 64, 48, 6)
+    again = layer_psnrs(reconstruct(nla), data.frames.permute(0, 3, 1, 2), data.masks)
+    assert again["object"] == pytest.approx(final["object"], abs=0.3)
+    assert again["background"] == pytest.approx(final["background"], abs=0.3)
+    # the error image outlines the object's mask in green
+    error = np.asarray(Image.open(out / "previews" / "final" / "error_x4_00000.png").convert("RGB"))
+    assert (error[20, 10:22] == [0, 255, 0]).all() and not (error[25, 16] == [0, 255, 0]).all()
+
+
+def test_a_psnr_log_from_before_the_layer_columns_is_continued(tmp_path):
+    path = tmp_path / "psnr_log.csv"
+    path.write_text("iteration,seconds,batch_psnr,video_psnr\n1000,60.0,25.1,24.9\n")
+    log, writer = open_psnr_log(path, resuming=True)
+    writer.writerow([2000, 120.0, 26.0, 25.5, 22.0, 26.5])
+    log.close()
+    rows = list(csv.reader(path.open()))
+    assert rows == [PSNR_LOG_COLUMNS, ["1000", "60.0", "25.1", "24.9", "", ""],
+                    ["2000", "120.0", "26.0", "25.5", "22.0", "26.5"]]
+    log, _ = open_psnr_log(path, resuming=False)  # a new run starts a new log
+    log.close()
+    assert path.read_text().strip() == ",".join(PSNR_LOG_COLUMNS)
+
+
+def test_without_shares_the_sampler_draws_what_nla_draws(clip, tmp_path):
+    cfg, data = load_clip(clip, tmp_path, "atlas_backend=mlp")
+    drawn = PixelSampler(data, cfg, torch.Generator().manual_seed(3))(500)
+    official = sample_pixels(500, data, torch.Generator().manual_seed(3))
+    assert all(torch.equal(a, b) for a, b in zip(drawn, official))
+
+
+def test_the_object_share_lands_on_the_object(clip, tmp_path):
+    cfg, data = load_clip(clip, tmp_path, "sample_object_share=0.6", "sample_error_share=0")
+    t, y, x, g = PixelSampler(data, cfg, torch.Generator().manual_seed(0))(20000)
+    assert t.shape == y.shape == x.shape == g.shape == (20000,)
+    assert int(y.max()) < data.H - 1 and int(x.max()) < data.W - 1 and int(y.min()) >= 0 and int(x.min()) >= 0
+    near = torch.nn.functional.max_pool2d(data.masks[:, None], 2 * BLOCK + 1, stride=1, padding=BLOCK)[:, 0] > 0
+    area = float(near.float().mean())  # the object and a block around it: ~20% of the video
+    # every object draw lands there, and the uniform 40% as often as its area: 0.6 + 0.4 * area
+    assert float(near[t, y, x].float().mean()) > 0.6 + 0.3 * area
+    # the object covers 4% of the video and about a fifth of the blocks it touches
+    assert float((data.masks[t, y, x] >= 0.5).float().mean()) > 0.15
+
+
+def test_the_error_share_follows_the_reconstruction_error(clip, tmp_path):
+    """Frames that match the model's reconstruction except in one box: after refresh the error
+    share is drawn in that box."""
+    cfg, data = load_clip(clip, tmp_path, "sample_object_share=0", "sample_error_share=0.5")
+    nla = build_model(cfg, data)
+    data.frames = reconstruct(nla).permute(0, 2, 3, 1).contiguous()
+    data.frames[:, 8:24, 32:48] = (data.frames[:, 8:24, 32:48] + 0.5) % 1
+    sampler = PixelSampler(data, cfg, torch.Generator().manual_seed(0))
+    assert sampler.due(0)
+    sampler.refresh(nla)
+    assert not sampler.due(1) and sampler.due(250)
+    t, y, x, _ = sampler(20000)
+    in_box = ((y >= 8) & (y < 24) & (x >= 32) & (x < 48)).float().mean()
+    assert float(in_box) > 0.45  # the box is 8% of the frame: half the samples (the error share) go there
+
+
+def test_shares_over_one_are_refused_in_one_line(clip, tmp_path, capsys):
+    args = ["--video", str(clip / "frames"), "--masks", str(clip / "masks"), "--out", str(tmp_path / "out"),
+            "sample_object_share=0.7", "sample_error_share=0.5"]
+    with pytest.raises(SystemExit) as e:
+        train_nla.run_cli(train_nla.main, args)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "add up to at most 1" in err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ConfigError, match="sample_error_share"):
+        load_config("nla", overrides=["sample_error_share=1.5"])
+
+
+def test_a_finer_foreground_mapping_and_sharper_opacity_save_and_load(clip, tmp_path):
+    """grid_mapping_cell_foreground and grid_alpha_frequencies change the grid checkpoint's
+    architectures, which loading reads back (an atlas with the earlier defaults is the case
+    where both equal the background's cell and positional_encoding_num_alpha)."""
+    cfg, data = load_clip(clip, tmp_path, "grid_mapping_cell_foreground=4", "grid_alpha_frequencies=7")
+    nla = build_model(cfg, data)
+    assert nla.mapping_foreground.cell == 4 and nla.mapping_background.cell == 8 and nla.alpha.frequencies == 7
+    with torch.no_grad():
+        for p in nla.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    torch.save(nla.checkpoint(), tmp_path / "checkpoint")
+    loaded = NLAModel.from_checkpoint(tmp_path / "checkpoint", 64, 48, 6)
+    assert loaded.mapping_foreground.cell == 4 and loaded.mapping_background.cell == 8 and loaded.alpha.frequencies == 7
+    assert torch.equal(reconstruct(loaded), reconstruct(nla))
+
+
+def test_measuring_the_error_of_a_long_video_renders_a_bounded_number_of_pixels(clip, tmp_path, monkeypatch):
+    """On a long video the lattice gets sparser (MAX_MEASURED pixels a refresh); blocks it
+    misses keep their previous weight."""
+    import training.nla_sampling as sampling
+    monkeypatch.setattr(sampling, "MAX_MEASURED", 300)
+    cfg, data = load_clip(clip, tmp_path, "sample_error_share=0.5")
+    nla = build_model(cfg, data)
+    rendered = []
+    forward = nla.forward
+    monkeypatch.setattr(nla, "forward", lambda p: rendered.append(p.shape[0]) or forward(p))
+    sampler = PixelSampler(data, cfg, torch.Generator().manual_seed(0))
+    sampler.refresh(nla)
+    assert 0 < sum(rendered) <= 300
+    missed = sampler.block_error == 1  # the initial weight: blocks the sparse lattice did not reach
+    assert 0 < int(missed.sum()) < missed.numel()
