@@ -120,17 +120,16 @@ def test_atlas_only_and_atlas_keys_reach_the_atlas_and_its_key(clip, edit_args, 
 
 
 def test_an_interrupted_atlas_is_resumed_never_reused(clip, edit_args, tmp_path, monkeypatch, capsys):
-    import datasets.video_data
-    calls = {"n": 0}
-    original = datasets.video_data.sample_pixels
+    class Interrupted(training.nla.PixelSampler):  # Ctrl-C while step 5 draws its pixels
+        calls = 0
 
-    def interrupted(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return original(*a, **k)
+        def __call__(self, n):
+            Interrupted.calls += 1
+            if Interrupted.calls == 5:
+                raise KeyboardInterrupt
+            return super().__call__(n)
 
-    monkeypatch.setattr(training.nla, "sample_pixels", interrupted)
+    monkeypatch.setattr(training.nla, "PixelSampler", Interrupted)
     args = ["--video", str(clip / "pan" / "frames"), "--masks", str(clip / "pan" / "masks"), "--atlas-only", *edit_args]
     with pytest.raises(KeyboardInterrupt):
         train_video.main(args)
