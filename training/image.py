@@ -159,7 +159,7 @@ def train(cfg: dict, run_dir: Path | None = None, state: dict | None = None, pro
         save_edit(edit, folder)
         return edit["composite"]
 
-    with hold_run_dir(run_dir, "train_image.py"):  # the only writer of run_dir until its outputs are written
+    with hold_run_dir(run_dir):  # the only writer of run_dir until its outputs are written
         done = fit(cfg, run_dir, generator, optimizer, step_fn, snapshot_fn, rng, torch_gen, "train_image.py", state,
                    progress=progress)
         save_atomic({"generator": generator.state_dict(), "generator_config": generator.config,

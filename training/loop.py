@@ -93,8 +93,8 @@ def new_run_dir(cfg: dict) -> Path:
                       "choose another results_folder")
 
 
-def hold_run_dir(run_dir: Path, script: str) -> FolderLock:
-    """`with hold_run_dir(run_dir, script):` this process is the run folder's only writer from
+def hold_run_dir(run_dir: Path) -> FolderLock:
+    """`with hold_run_dir(run_dir):` this process is the run folder's only writer from
     here to the end of the block (its outputs included); a folder another live process is
     writing (a second resume= of one run) is refused with one line naming that process."""
     return FolderLock(run_dir, "run folder")
@@ -298,7 +298,7 @@ def resume_config(kind: str, run_dir, argv, script: str):
     from util.config import load_config, typed_overrides
     run_dir = Path(run_dir)
     state = check_resume(run_dir, script)
-    hold_run_dir(run_dir, script).check_free()  # refused now, before anything loads
+    hold_run_dir(run_dir).check_free()  # refused now, before anything loads
     if (kind == "video") != ("layer" in state):
         other = "train_image.py" if kind == "video" else "train_video.py"
         raise ConfigError(f"resume={run_dir} is not a {kind} run; resume it with {other}")

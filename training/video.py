@@ -246,7 +246,7 @@ def train(cfg: dict, run_dir: Path | None = None, state: dict | None = None, pro
             save_atomic(model_state(generator, cfg, video, step), run_dir / "checkpoints" / f"generator_step_{step:05d}.pt")
         return frame
 
-    with hold_run_dir(run_dir, "train_video.py"):  # the only writer of run_dir until its outputs are written
+    with hold_run_dir(run_dir):  # the only writer of run_dir until its outputs are written
         done = fit(cfg, run_dir, generator, optimizer, step_fn, snapshot_fn, rng, torch_gen, "train_video.py", state,
                    extra_state={"layer": layer}, progress=progress)
         save_atomic(model_state(generator, cfg, video, done), run_dir / "model.pt")
