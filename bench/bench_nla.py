@@ -25,7 +25,7 @@ from datasets.flow import video_flows  # noqa: E402
 from datasets.video_data import VideoData  # noqa: E402
 from training.image import pick_device  # noqa: E402
 from training.nla import build_model, prepare_training  # noqa: E402
-from training.nla_eval import checkerboard_video, flow_warp_error, layer_psnrs, reconstruct, save_previews, strict_json  # noqa: E402
+from training.nla_eval import checkerboard_video, evaluate_atlas, flow_warp_error, strict_json  # noqa: E402
 from training.nla_sampling import PixelSampler  # noqa: E402
 from util.cli import run_cli  # noqa: E402
 from util.config import load_config, public  # noqa: E402
@@ -88,7 +88,7 @@ def main(argv=None):
             if args.log_minutes and time.time() - start - paused >= next_log:
                 synchronize(device)
                 began = time.time()
-                psnrs = layer_psnrs(reconstruct(nla), frames, data.masks)
+                psnrs, _ = evaluate_atlas(nla, data)
                 print(strict_json({"minutes": round(next_log / 60, 2), "steps": steps, "psnr_db": round(psnrs["video"], 2),
                                    "psnr_object_db": psnrs["object"] and round(psnrs["object"], 2)}),
                       file=sys.stderr, flush=True)
@@ -97,8 +97,7 @@ def main(argv=None):
         synchronize(device)
         train_seconds = time.time() - start - paused
         steps_per_second = steps / max(time.time() - training_began - paused, 1e-9)
-        recon = reconstruct(nla)
-        psnrs = layer_psnrs(recon, frames, data.masks)
+        psnrs, _ = evaluate_atlas(nla, data, args.previews, cfg)  # and the final previews, if asked for
         result = {
             "video": args.video, "resolution": f"{data.W}x{data.H}", "frames": data.T, "device": str(device),
             "backend": cfg["atlas_backend"], "precision": str(nla.amp_dtype or "float32"),
@@ -119,8 +118,6 @@ def main(argv=None):
         if data.masks is not None:  # where the error is: on the object or around it
             result["psnr_object_db"] = round(psnrs["object"], 2)
             result["psnr_background_db"] = round(psnrs["background"], 2)
-        if args.previews:
-            save_previews(nla, data, Path(args.previews), cfg, recon, psnrs)
         if args.save:
             save_atlas(Path(args.save), nla, data, cfg, steps, args.video, args.masks)
     print(strict_json(result))

@@ -13,7 +13,7 @@ import train_nla
 from datasets.video_data import VideoData, sample_pixels
 from models.nla import NLAModel
 from training.nla import PSNR_LOG_COLUMNS, build_model, open_psnr_log
-from training.nla_eval import layer_psnrs, reconstruct
+from training.nla_eval import evaluate_atlas, layer_psnrs, reconstruct
 from training.nla_sampling import BLOCK, PixelSampler
 from util.config import ConfigError, load_config
 
@@ -84,6 +84,33 @@ def test_training_logs_object_and_background_psnr(clip, tmp_path, capsys):
     # the error image outlines the object's mask in green
     error = np.asarray(Image.open(out / "previews" / "final" / "error_x4_00000.png").convert("RGB"))
     assert (error[20, 10:22] == [0, 255, 0]).all() and not (error[25, 16] == [0, 255, 0]).all()
+
+
+def test_evaluation_renders_each_frame_once_and_gives_what_the_whole_video_gives(clip, tmp_path, monkeypatch):
+    """evaluate_atlas: one render per frame (no whole-video reconstruction held), the same PSNRs
+    as layer_psnrs over reconstruct(), the previews, and the input | reconstruction MP4."""
+    imageio = pytest.importorskip("imageio.v2")
+    cfg, data = load_clip(clip, tmp_path)
+    nla = build_model(cfg, data)
+    expected = layer_psnrs(reconstruct(nla), data.frames.permute(0, 3, 1, 2), data.masks)
+    rendered = []
+    render_frame = NLAModel.render_frame
+    monkeypatch.setattr(NLAModel, "render_frame", lambda self, t, *a, **k: rendered.append(t) or render_frame(self, t, *a, **k))
+    psnrs, middle = evaluate_atlas(nla, data, tmp_path / "previews", cfg, video=tmp_path / "recon.mp4", fps=5)
+    assert rendered == list(range(6))
+    assert psnrs == pytest.approx(expected, abs=1e-6)
+    assert middle.shape == (1, 3, 48, 64)
+    assert torch.allclose(middle[0], nla.render_frame(3)["rgb"].permute(2, 0, 1))
+    names = {p.name for p in (tmp_path / "previews").iterdir()}
+    assert names == {f"{kind}_{t:05d}.png" for kind in ("reconstruction", "error_x4", "checkerboard") for t in (0, 3)} | {
+        "atlas_foreground.png", "atlas_background.png", "psnr.json"}
+    assert json.loads((tmp_path / "previews" / "psnr.json").read_text()) == pytest.approx(
+        {name: round(value, 3) for name, value in expected.items()}, abs=1e-6)
+    video = imageio.mimread(tmp_path / "recon.mp4")
+    assert len(video) == 6 and video[0].shape == (48, 128, 3)  # input | reconstruction, side by side
+    assert not list(tmp_path.glob("*.part*"))
+    # nothing asked for, nothing written: only the numbers
+    assert evaluate_atlas(nla, data)[0] == pytest.approx(expected, abs=1e-6)
 
 
 def test_a_psnr_log_from_before_the_layer_columns_is_continued(tmp_path):

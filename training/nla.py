@@ -27,7 +27,7 @@ from tqdm import tqdm
 from datasets.video_data import VideoData
 from models.nla import MLP, GridAtlas, GridMapping, NLAModel
 from training.image import pick_device, save_atomic
-from training.nla_eval import layer_psnrs, psnr_summary, reconstruct, save_previews
+from training.nla_eval import evaluate_atlas, psnr_summary
 from training.nla_init import pretrain_mappings
 from training.nla_optim import load_optimizer_state, make_optimizer
 from training.nla_sampling import PixelSampler
@@ -37,7 +37,6 @@ from util.errors import USER_ERRORS
 from util.files import remove_quietly
 from util.precision import resolve_precision
 from util.processes import FolderLock
-from util.video_io import write_video
 
 
 def build_model(cfg: dict, data: VideoData) -> NLAModel:
@@ -241,14 +240,11 @@ def _train(cfg: dict, video_path, masks_path, out_dir: Path, progress=None) -> P
                 batch_psnr = 10 * math.log10(1 / max(float(mse), 1e-12))
                 bar.set_postfix(psnr=f"{batch_psnr:.2f}dB", loss=f"{float(sum(terms.values())):.3f}")
             if done % cfg["evaluate_every"] == 0 and done < cfg["iters_num"]:
-                recon = reconstruct(nla)
-                psnrs = layer_psnrs(recon, data.frames.permute(0, 3, 1, 2), data.masks)
+                psnrs, middle = evaluate_atlas(nla, data, out_dir / "previews" / f"iter_{done:06d}", cfg)
                 writer.writerow([done, round(time.time() - began, 1), round(batch_psnr, 3), *log_values(psnrs)])
                 log.flush()
-                save_previews(nla, data, out_dir / "previews" / f"iter_{done:06d}", cfg, recon, psnrs)
                 save(done)
-                mid = data.T // 2
-                if progress is not None and progress(done, cfg["iters_num"], recon[mid:mid + 1]) is False:
+                if progress is not None and progress(done, cfg["iters_num"], middle) is False:
                     it = done
                     print(f"stopped at iteration {done} of {cfg['iters_num']}")
                     break
@@ -260,13 +256,10 @@ def _train(cfg: dict, video_path, masks_path, out_dir: Path, progress=None) -> P
     finally:
         bar.close()
     save(it)  # cfg["iters_num"] unless progress stopped the run
-    recon = reconstruct(nla)
-    psnrs = layer_psnrs(recon, data.frames.permute(0, 3, 1, 2), data.masks)
+    psnrs, _ = evaluate_atlas(nla, data, out_dir / "previews" / "final", cfg,  # one frame at a time
+                              video=out_dir / "reconstruction.mp4", fps=cfg["fps"])
     writer.writerow([it, round(time.time() - began, 1), "", *log_values(psnrs)])
     log.close()
-    save_previews(nla, data, out_dir / "previews" / "final", cfg, recon, psnrs)
-    write_video((torch.cat([data.frames[t].permute(2, 0, 1), recon[t]], dim=-1) for t in range(data.T)),
-                out_dir / "reconstruction.mp4", cfg["fps"])  # input | reconstruction, one frame at a time
     print(f"atlas checkpoint: {ckpt_path} ({file_megabytes(ckpt_path):.1f} MB, reconstruction PSNR {psnr_summary(psnrs)}); "
           f"{opt_path.name} ({file_megabytes(opt_path):.1f} MB) is only needed to continue training")
     return ckpt_path

@@ -1,10 +1,11 @@
 """How well an atlas represents its video, and pictures of it: the model's reconstruction of
 every frame (reconstruct) and its PSNR (psnr), the atlases' checkerboards mapped to the frames
 (checkerboard, checkerboard_frame, checkerboard_video), how consistent a video is along the
-optical flow (flow_warp_error), the preview images of a run (save_previews), and the JSON lines
-the benchmarks print (strict_json).
+optical flow (flow_warp_error), the one pass over the frames that gives a run's PSNR, previews and
+reconstruction video (evaluate_atlas), and the JSON lines the benchmarks print (strict_json).
 """
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -16,6 +17,7 @@ from datasets.atlas import bounding_box
 from datasets.video_data import VideoData
 from models.nla import NLAModel
 from util.image_io import save_png
+from util.video_io import VideoWriter
 
 
 @torch.no_grad()
@@ -49,29 +51,48 @@ def psnr(a, b) -> float:
     return 10 * math.log10(1 / max(mse, 1e-12))
 
 
+class LayerErrors:
+    """Running sums of a reconstruction's squared error, frame by frame, over the whole video,
+    inside the object masks (mask >= 0.5) and outside them; psnrs() gives layer_psnrs' dict."""
+
+    def __init__(self):
+        self.sse = {"video": 0.0, "object": 0.0, "background": 0.0}
+        self.values = self.object_pixels = 0
+        self.with_masks = None
+
+    def add(self, recon_t, frame_t, mask_t=None):
+        """recon_t, frame_t [3, H, W] in [0, 1]; mask_t [H, W] or None."""
+        error = ((recon_t.float() - frame_t.float().to(recon_t.device)) ** 2).sum(dim=0)  # [H, W]
+        self.sse["video"] += float(error.sum())
+        self.values += recon_t.numel()
+        self.with_masks = mask_t is not None
+        if mask_t is not None:
+            on_object = mask_t.to(recon_t.device) >= 0.5
+            self.sse["object"] += float(error[on_object].sum())
+            self.sse["background"] += float(error[~on_object].sum())
+            self.object_pixels += int(on_object.sum())
+        self.channels = recon_t.shape[0]
+
+    def psnrs(self) -> dict:
+        def db(sse, values):
+            return math.nan if values == 0 else 10 * math.log10(1 / max(sse / values, 1e-12))
+        result = {"video": db(self.sse["video"], self.values), "object": None, "background": None}
+        if self.with_masks:
+            object_values = self.object_pixels * self.channels
+            result["object"] = db(self.sse["object"], object_values)
+            result["background"] = db(self.sse["background"], self.values - object_values)
+        return result
+
+
 def layer_psnrs(recon, frames, masks=None) -> dict:
     """The reconstruction's PSNR (dB) over the whole video ("video"), inside the object masks
     ("object": mask >= 0.5) and outside them ("background"). recon, frames [T, 3, H, W] in
     [0, 1]; masks [T, H, W] or None (then object and background are None). A region with no
     pixel gets NaN. Summed frame by frame: no whole-video temporary."""
-    sse_all = sse_object = sse_background = pixels_object = 0.0
+    errors = LayerErrors()
     for t in range(recon.shape[0]):
-        error = ((recon[t].float() - frames[t].float().to(recon.device)) ** 2).sum(dim=0)  # [H, W]
-        sse_all += float(error.sum())
-        if masks is not None:
-            on_object = masks[t].to(recon.device) >= 0.5
-            sse_object += float(error[on_object].sum())
-            sse_background += float(error[~on_object].sum())
-            pixels_object += int(on_object.sum())
-    channels, pixels = recon.shape[1], recon.shape[0] * recon.shape[2] * recon.shape[3]
-
-    def db(sse, n):
-        return math.nan if n == 0 else 10 * math.log10(1 / max(sse / (n * channels), 1e-12))
-    result = {"video": db(sse_all, pixels), "object": None, "background": None}
-    if masks is not None:
-        result["object"] = db(sse_object, pixels_object)
-        result["background"] = db(sse_background, pixels - pixels_object)
-    return result
+        errors.add(recon[t], frames[t], None if masks is None else masks[t])
+    return errors.psnrs()
 
 
 def psnr_summary(psnrs: dict) -> str:
@@ -129,41 +150,87 @@ def mask_outline(mask):
     return (inside - eroded)[0, 0] > 0
 
 
-@torch.no_grad()
-def save_previews(nla: NLAModel, data: VideoData, folder: Path, cfg: dict, recon=None, psnrs=None):
-    """Reconstruction vs input, its error (|difference| x 4, the mask's outline in green), both
-    atlases (the part the video uses), the checkerboard mapped through them, and psnr.json (the
-    reconstruction's PSNR over the video, on the object and on the background: layer_psnrs)."""
-    device = next(nla.parameters()).device
-    folder.mkdir(parents=True, exist_ok=True)
-    recon = reconstruct(nla) if recon is None else recon
-    frames = data.frames.permute(0, 3, 1, 2)
-    psnrs = layer_psnrs(recon, frames, data.masks) if psnrs is None else psnrs
-    (folder / "psnr.json").write_text(strict_json({name: None if value is None else round(value, 3)
-                                                   for name, value in psnrs.items()}) + "\n")
-    mid = data.T // 2
-    for t in (0, mid):
-        save_png(torch.cat([frames[t:t + 1], recon[t:t + 1]], dim=-1), folder / f"reconstruction_{t:05d}.png")
-        error = (4 * (recon[t] - frames[t]).abs().mean(dim=0)).clamp(0, 1).expand(3, -1, -1).clone()  # [3, H, W]
-        if data.masks is not None:
-            outline = mask_outline(data.masks[t].to(error.device))
-            error[:, outline] = torch.tensor([0.0, 1.0, 0.0], device=error.device)[:, None]
-        save_png(error[None], folder / f"error_x4_{t:05d}.png")
-    used = {"foreground": [], "background": []}  # UV corners each layer shows in each frame
-    for t in range(data.T):
-        maps = nla.render_frame(t, device=device)
-        if t in (0, mid):
-            save_png(checkerboard_frame(maps).permute(2, 0, 1)[None], folder / f"checkerboard_{t:05d}.png")
+class UsedArea:
+    """The UV box each atlas layer shows, over the frames added: the foreground where a pixel's
+    opacity is >= 0.5, the background elsewhere."""
+
+    def __init__(self):
+        self.corners = {"foreground": [], "background": []}
+
+    def add(self, maps: dict):
         shown = maps["alpha"][..., 0] >= 0.5
         for layer, uv, where in (("foreground", maps["uv_fg"], shown), ("background", maps["uv_bg"], ~shown)):
             if where.any():
-                used[layer] += [uv[where].amin(dim=0), uv[where].amax(dim=0)]
-    for layer, corners in used.items():
-        if not corners:  # e.g. no foreground: show the layer's usual square
+                self.corners[layer] += [uv[where].amin(dim=0).cpu(), uv[where].amax(dim=0).cpu()]
+
+    def box(self, layer: str):
+        """[2, 2]: the lowest and highest (u, v); a layer never shown gets its usual square."""
+        corners = self.corners[layer]
+        if not corners:
             corners = [torch.zeros(2), torch.ones(2)] if layer == "foreground" else [-torch.ones(2), torch.zeros(2)]
-        corners = torch.stack(corners).cpu()
-        extent = float((corners.amax(dim=0) - corners.amin(dim=0)).max().clamp(min=1e-3))
-        box = bounding_box(corners, resolution=cfg["preview_atlas_resolution"] / extent)
+        corners = torch.stack(corners)
+        return torch.stack([corners.amin(dim=0), corners.amax(dim=0)])
+
+
+def _save_frame_previews(folder: Path, t: int, frame, recon_t, mask_t, maps):
+    """Frame t's input | reconstruction, its error (|difference| x 4, the mask's outline in
+    green) and the checkerboard mapped through the atlases. frame, recon_t [3, H, W]."""
+    save_png(torch.cat([frame, recon_t], dim=-1)[None], folder / f"reconstruction_{t:05d}.png")
+    error = (4 * (recon_t - frame).abs().mean(dim=0)).clamp(0, 1).expand(3, -1, -1).clone()  # [3, H, W]
+    if mask_t is not None:
+        outline = mask_outline(mask_t.to(error.device))
+        error[:, outline] = torch.tensor([0.0, 1.0, 0.0], device=error.device)[:, None]
+    save_png(error[None], folder / f"error_x4_{t:05d}.png")
+    save_png(checkerboard_frame(maps).permute(2, 0, 1)[None], folder / f"checkerboard_{t:05d}.png")
+
+
+def _save_atlases(nla: NLAModel, used: UsedArea, folder: Path, resolution: int):
+    """Each atlas layer's colour over the part the video shows, resolution texels per UV unit of
+    its longer side."""
+    device = next(nla.parameters()).device
+    for layer in ("foreground", "background"):
+        corners = used.box(layer)
+        extent = float((corners[1] - corners[0]).max().clamp(min=1e-3))
+        box = bounding_box(corners, resolution=resolution / extent)
         h, w = box.size
         colour = nla.colour(box.pixel_centres(device)).view(h, w, 3).permute(2, 0, 1)[None]
         save_png(colour, folder / f"atlas_{layer}.png")
+
+
+@torch.no_grad()
+def evaluate_atlas(nla: NLAModel, data: VideoData, previews: Path | None = None, cfg: dict | None = None,
+                   video: Path | None = None, fps: int = 10, chunk: int = 65536):
+    """Render every frame once and, from that one pass: the reconstruction's layer_psnrs; with
+    previews (a folder; cfg gives preview_atlas_resolution), the preview images of the first and
+    middle frames (input | reconstruction, the error x 4 with the mask's outline, the
+    checkerboard), both atlases (the part the video uses) and psnr.json; with video, an MP4 of
+    input | reconstruction. Holds one rendered frame at a time, whatever the clip's length.
+    Returns (psnrs, the middle frame's reconstruction [1, 3, H, W])."""
+    device = next(nla.parameters()).device
+    if previews is not None:
+        previews = Path(previews)
+        previews.mkdir(parents=True, exist_ok=True)
+    errors, used, middle = LayerErrors(), UsedArea(), data.T // 2
+    middle_recon = None
+    with contextlib.ExitStack() as stack:
+        writer = stack.enter_context(VideoWriter(video, fps)) if video is not None else None
+        for t in range(data.T):
+            maps = nla.render_frame(t, chunk, device=device)
+            recon_t = maps["rgb"].permute(2, 0, 1)  # [3, H, W]
+            frame = data.frames[t].permute(2, 0, 1).to(recon_t.device)  # [3, H, W]
+            mask_t = None if data.masks is None else data.masks[t]
+            errors.add(recon_t, frame, mask_t)
+            if t == middle:
+                middle_recon = recon_t[None].clone()
+            if previews is not None:
+                used.add(maps)
+                if t in (0, middle):
+                    _save_frame_previews(previews, t, frame, recon_t, mask_t, maps)
+            if writer is not None:
+                writer.append(torch.cat([frame, recon_t], dim=-1))
+    psnrs = errors.psnrs()
+    if previews is not None:
+        _save_atlases(nla, used, previews, cfg["preview_atlas_resolution"])
+        (previews / "psnr.json").write_text(strict_json({name: None if value is None else round(value, 3)
+                                                         for name, value in psnrs.items()}) + "\n")
+    return psnrs, middle_recon
