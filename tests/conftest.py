@@ -16,6 +16,14 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("TEXT2LIVE_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
+@pytest.fixture(autouse=True)
+def a_fresh_process_warns_again():
+    """Each test sees the one-per-process warnings (util.video_io's dropped frames) as a new
+    process would."""
+    import util.video_io
+    util.video_io._SAID_DROPPED.clear()
+
+
 @pytest.fixture(scope="session")
 def tiny_clip():
     """A frozen tiny CLIP of the real class (12 vision blocks, 32 px patches, real vocabulary size)."""

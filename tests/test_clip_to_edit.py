@@ -95,6 +95,15 @@ def test_one_command_trains_the_atlas_edits_and_reuses_the_atlas(clip, edit_args
         [f"atlas: reusing {atlas} (trained for this clip and masks with these settings; delete it to train again)"]
 
 
+def test_a_clip_cut_short_is_warned_about_once_not_once_per_stage(clip, edit_args, recwarn):
+    """The clip is read by the atlas stage, its checks and the edit; the dropped frames are said once."""
+    train_video.main(["--video", str(clip / "pan" / "frames"), "--masks", str(clip / "pan" / "masks"),
+                      "--example_config", "blackswan_gold", *edit_args, "maximum_number_of_frames=4"])
+    said = [str(w.message) for w in recwarn if "more than maximum_number_of_frames" in str(w.message)]
+    assert said == [f"{clip / 'pan' / 'frames'} has 6 frames, more than maximum_number_of_frames=4; using the first 4 "
+                    "(raise maximum_number_of_frames to use more)"]
+
+
 def test_atlas_only_and_atlas_keys_reach_the_atlas_and_its_key(clip, edit_args, tmp_path, monkeypatch, capsys):
     trainings = count_atlas_trainings(monkeypatch)
     base = ["--video", str(clip / "pan" / "frames"), "--atlas-only", *edit_args]

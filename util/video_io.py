@@ -103,6 +103,9 @@ def _to_frame(image: np.ndarray, resx: int, resy: int) -> torch.Tensor:
     return frame[0].clamp(0, 1)
 
 
+_SAID_DROPPED = set()  # (clip, maximum_number_of_frames) whose dropped frames were warned about
+
+
 def read_clip(path, resx: int, resy: int, max_frames: int, min_frames: int = 1, channels_last: bool = False):
     """Frames in [0, 1] as [T, 3, resy, resx] ([T, resy, resx, 3] with channels_last), and a
     ClipInfo: the first max_frames (a warning says when the video has more, i.e. when frames
@@ -128,7 +131,8 @@ def read_clip(path, resx: int, resy: int, max_frames: int, min_frames: int = 1, 
         dropped = "more frames than" if more else None
     if count < min_frames:
         raise InputError(f"{path} has {count} frame(s); at least {min_frames} are needed")
-    if dropped:  # a shorter video is simply used whole
+    if dropped and (path, max_frames) not in _SAID_DROPPED:  # a shorter video is simply used whole
+        _SAID_DROPPED.add((path, max_frames))  # once per process: the one-command run reads the clip in each stage
         warnings.warn(f"{path} has {dropped} maximum_number_of_frames={max_frames}; using the first "
                       f"{max_frames} (raise maximum_number_of_frames to use more)")
     video = torch.empty((count, resy, resx, 3) if channels_last else (count, 3, resy, resx))
