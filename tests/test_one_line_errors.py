@@ -165,7 +165,7 @@ def test_a_path_of_the_wrong_kind_is_not_called_missing(tmp_path, tiny_video, ca
     code, errors, err = run_script(capsys, "train_nla.py", "--video", tiny_video / "frames", "--masks", mask_file,
                                    "--out", tmp_path / "atlas", "resx=48", "resy=32")
     assert code == 2 and errors == [f"error: masks {mask_file} is a file; give the folder holding one mask image "
-                                    "per frame"], err
+                                    "per frame (white = object)"], err
     assert not (tmp_path / "atlas").exists()
     with pytest.raises(InputError, match=f"checkpoint_path {tmp_path} is a folder without a 'checkpoint' file"):
         text2live.edit_video(tmp_path, "snow")

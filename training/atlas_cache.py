@@ -23,7 +23,7 @@ from util.config import check_nla_config, load_config, public
 from util.errors import InputError
 from util.files import write_text_atomic
 from util.image_io import resolve_data_path
-from util.video_io import list_frame_files
+from util.video_io import list_frame_files, masks_folder
 
 FINISHED_FILE = "finished.json"
 # atlas settings that change where or how training runs, or what it logs, not the atlas it makes
@@ -42,11 +42,7 @@ def check_clip(video, masks=None) -> tuple[Path, Path | None]:
         raise InputError(f"video {video} does not exist; give a video file (e.g. clip.mp4) or a folder of frames")
     if masks is None:
         return path, None
-    mask_dir = Path(resolve_data_path(str(masks)))
-    if not mask_dir.is_dir():
-        what = "is not a folder" if mask_dir.exists() else "does not exist"
-        raise InputError(f"masks {masks} {what}; give a folder with one mask image per frame (white = object)")
-    return path, mask_dir
+    return path, masks_folder(masks)
 
 
 def clip_name(video: Path) -> str:

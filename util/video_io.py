@@ -187,6 +187,17 @@ def _check_masks_fit(files: list, size, folder: Path, n_frames: int, clip: "Clip
                          "for these frames")
 
 
+def masks_folder(folder) -> Path:
+    """The masks folder, resolved (data/... falls back to the shared data); a one-line
+    InputError when it is missing or a file. Every tool checks masks here, in these words."""
+    path = Path(resolve_data_path(str(folder)))
+    if not path.exists():
+        raise InputError(f"masks {folder} does not exist; give a folder with one mask image per frame (white = object)")
+    if not path.is_dir():
+        raise InputError(f"masks {folder} is a file; give the folder holding one mask image per frame (white = object)")
+    return path
+
+
 def read_masks(folder, n_frames: int, resx: int, resy: int, labels=None, clip: ClipInfo | None = None) -> torch.Tensor:
     """Binary object masks as [T, 1, resy, resx]: palette PNGs (DAVIS-2017) by their label
     indices (any non-zero label, or only those in `labels`, the config key mask_labels), other
@@ -196,11 +207,7 @@ def read_masks(folder, n_frames: int, resx: int, resy: int, labels=None, clip: C
     Everything is checked from the files' headers before any mask is decoded; the masks are
     then decoded one at a time. Warns when no mask has any object pixel."""
     labels = check_mask_labels(labels)
-    folder = Path(resolve_data_path(str(folder)))
-    if not folder.exists():
-        raise InputError(f"masks folder {folder} does not exist")
-    if not folder.is_dir():
-        raise InputError(f"masks {folder} is a file; give the folder holding one mask image per frame")
+    folder = masks_folder(folder)
     files = list_frame_files(folder)
     sizes = _image_sizes(files[:n_frames], "mask")
     size = _one_size(files[:n_frames], sizes, folder, "masks") if sizes else None
