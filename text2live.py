@@ -118,12 +118,16 @@ def _count(name: str, value, low: int) -> int:
     return int(value)
 
 
+def _overrides_dict(overrides) -> dict:
+    """The overrides argument as a dict ({} for None); ConfigError for anything else."""
+    if overrides is not None and not isinstance(overrides, dict):
+        raise ConfigError(f"overrides must be a dict of config keys, not a {type(overrides).__name__}")
+    return overrides or {}
+
+
 def _checked_overrides(kind: str, overrides) -> dict:
     """The overrides argument: a dict of known config keys of `kind` (ConfigError naming it)."""
-    if overrides is None:
-        return {}
-    if not isinstance(overrides, dict):
-        raise ConfigError(f"overrides must be a dict of config keys, not a {type(overrides).__name__}")
+    overrides = _overrides_dict(overrides)
     from util.config import CONFIG_DIR, merge, read_yaml
     merge(read_yaml(CONFIG_DIR / f"{kind}_config.yaml"), overrides, "the overrides argument")
     return overrides
@@ -287,9 +291,7 @@ def edit_video(atlas=None, comp_text=None, screen_text=None, src_text=None, boot
     if layer not in ("background", "foreground"):
         raise ConfigError(f"layer={layer!r}; use 'background' or 'foreground'")
     _count("steps", steps, 1)
-    if overrides is not None and not isinstance(overrides, dict):
-        raise ConfigError(f"overrides must be a dict of config keys, not a {type(overrides).__name__}")
-    overrides, atlas_keys = split_atlas_overrides(overrides or {})
+    overrides, atlas_keys = split_atlas_overrides(_overrides_dict(overrides))
     values = _overrides("video", {"comp_text": comp_text, "screen_text": screen_text, "src_text": src_text,
                                   "bootstrap_text": bootstrap_text}, steps, seed, device, overrides)
     values.update({"finetune_foreground": layer == "foreground", "finetune_background": layer == "background"})
