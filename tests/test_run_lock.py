@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from util.cli import run_cli
@@ -167,6 +168,28 @@ def test_train_nla_refuses_an_atlas_folder_another_process_writes(tmp_path, tiny
     assert code == 2 and len(errors) == 1, errors
     assert errors[0].startswith(f"error: atlas folder {out} is being written by process {other_process.pid}")
     assert listing(out) == before  # no flow cache, no config.yaml
+
+
+def test_sigterm_stops_a_training_as_ctrl_c_does(tmp_path, tiny_video):
+    """`kill` (or `timeout`, a scheduler) of a plain train_nla.py: the checkpoint of the steps done
+    is written, the folder's lock released, exit status 130; the same command then resumes."""
+    out = tmp_path / "atlas"
+    command = [sys.executable, "train_nla.py", "--video", str(tiny_video / "frames"), "--out", str(out), "resx=48",
+               "resy=32", "iters_num=100000", "evaluate_every=5", "samples_batch=200", "device=cpu"]
+    run = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (out / "checkpoint").is_file():  # training, past its first save
+            time.sleep(0.2)
+        assert (out / "checkpoint").is_file()
+        run.send_signal(signal.SIGTERM)
+        output, _ = run.communicate(timeout=60)
+    finally:
+        run.kill()
+    assert run.returncode == 130, output
+    iteration = int(torch.load(out / "checkpoint", weights_only=False)["iteration"])
+    assert iteration >= 5 and f"interrupted at iteration {iteration}; run the same command again to resume" in output
+    assert not (out / LOCK_NAME).exists()
 
 
 def test_kill_9_of_batch_ends_its_job(tmp_path, tiny_clip_file, cat_photo):

@@ -1,6 +1,8 @@
 """Running a command-line entry point: one-line errors and honest exit codes."""
 
+import signal
 import sys
+import threading
 import warnings
 
 from util.errors import USER_ERRORS, SaveError
@@ -11,10 +13,19 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     return f"warning: {message}\n"
 
 
+def _terminate_as_interrupt(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the first one counts: a second must not cut the checkpoint short
+    raise KeyboardInterrupt
+
+
 def run_cli(main, argv=None):
     """Call main(argv); bad input exits with status 2 and a one-line 'error: ...' message, a
-    failed write (a full disk) with status 1 and one line saying what failed."""
+    failed write (a full disk) with status 1 and one line saying what failed. SIGTERM (`kill`,
+    `timeout`, a scheduler ending the job) stops the run as Ctrl-C does: the trainers write their
+    checkpoint, so the same command resumes; exit status 130 either way."""
     warnings.formatwarning = _one_line_warning
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     try:
         die_with_parent()  # a job of batch.py ends with it
         main(argv)
