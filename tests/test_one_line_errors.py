@@ -240,7 +240,7 @@ def test_an_array_image_the_api_refuses_leaves_nothing(tmp_path, tiny_clip_file)
     assert not (tmp_path / "out").exists()
 
 
-def test_a_refused_atlas_resume_leaves_no_flow_cache(tmp_path, tiny_video):
+def test_a_refused_atlas_resume_leaves_no_flow_cache(tmp_path, tiny_video, monkeypatch):
     small = {"grid_levels": 4, "grid_max_resolution": 64, "grid_mapping_cell": 8, "grid_alpha_width": 16,
              "samples_batch": 200, "evaluate_every": 100, "pretrain_iter_number": 2}
     out = tmp_path / "atlas"
@@ -257,9 +257,10 @@ def test_a_refused_atlas_resume_leaves_no_flow_cache(tmp_path, tiny_video):
         (other / frame.name).write_bytes(frame.read_bytes())
     with pytest.raises(ConfigError, match=f"holds the atlas of {tiny_video / 'frames'}, not {other}"):
         text2live.make_atlas(other, out, steps=4, device="cpu", overrides={**small, "resx": 48, "resy": 32})
-    # the same video with fewer frames: refused by the checkpoint, after its flow was computed
-    from util.errors import CheckpointError
-    with pytest.raises(CheckpointError, match="trained on 6 frames, not 4"):
+    # the same video with fewer frames: refused before a frame is read or any flow computed
+    import training.nla
+    monkeypatch.setattr(training.nla, "VideoData", None)  # reading the clip would fail the test
+    with pytest.raises(ConfigError, match="holds an atlas of 6 frames, not 4; set maximum_number_of_frames=6"):
         text2live.make_atlas(tiny_video / "frames", out, steps=4, device="cpu",
                              overrides={**small, "resx": 48, "resy": 32, "maximum_number_of_frames": 4})
     assert sorted(p.name for p in out.iterdir()) == before

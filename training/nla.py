@@ -35,8 +35,10 @@ from training.nla_step import TrainingStep
 from util.config import ConfigError, public
 from util.errors import USER_ERRORS
 from util.files import remove_quietly
+from util.image_io import resolve_data_path
 from util.precision import resolve_precision
 from util.processes import FolderLock
+from util.video_io import list_frame_files
 
 
 def build_model(cfg: dict, data: VideoData) -> NLAModel:
@@ -155,8 +157,9 @@ def file_megabytes(path: Path) -> float:
 
 
 def check_atlas_resume(cfg: dict, video_path, out_dir: Path):
-    """An atlas folder holding a checkpoint is continued only with its own video and size: what
-    its config.yaml names is compared before anything is read or written (ConfigError)."""
+    """An atlas folder holding a checkpoint is continued only with its own video, size and number
+    of frames: what its config.yaml and checkpoint say is compared before any frame is read or
+    flow computed (ConfigError)."""
     saved_path = out_dir / "config.yaml"
     if not (out_dir / "checkpoint").is_file() or not saved_path.is_file():
         return
@@ -172,6 +175,25 @@ def check_atlas_resume(cfg: dict, video_path, out_dir: Path):
     if video and Path(video).exists() and Path(video).resolve() != Path(video_path).resolve():
         raise ConfigError(f"{out_dir} holds the atlas of {video}, not {video_path}; give --video {video} to continue "
                           "it, or choose another --out")
+    trained, frames = _checkpoint_frames(out_dir / "checkpoint"), _folder_frames(video_path, cfg)
+    if None not in (trained, frames) and trained != frames:  # a video file's length is known only once decoded
+        raise ConfigError(f"{out_dir} holds an atlas of {trained} frames, not {frames}; set "
+                          f"maximum_number_of_frames={trained} to continue it, or choose another --out")
+
+
+def _checkpoint_frames(path: Path) -> int | None:
+    """The number of frames a checkpoint was trained on, read without loading its tensors."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        return int(state["number_of_frames"])
+    except Exception:  # unreadable or older: NLAModel.from_checkpoint says what is wrong
+        return None
+
+
+def _folder_frames(video_path, cfg: dict) -> int | None:
+    """How many frames of a frame folder training uses (None for a video file)."""
+    path = Path(resolve_data_path(str(video_path)))
+    return min(len(list_frame_files(path)), cfg["maximum_number_of_frames"]) if path.is_dir() else None
 
 
 def train(cfg: dict, video_path, masks_path, out_dir, progress=None) -> Path:
