@@ -57,8 +57,8 @@ class LayerErrors:
 
     def __init__(self):
         self.sse = {"video": 0.0, "object": 0.0, "background": 0.0}
-        self.values = self.object_pixels = 0
-        self.with_masks = None
+        self.values = self.object_values = 0  # values summed: pixels x channels
+        self.with_masks = False
 
     def add(self, recon_t, frame_t, mask_t=None):
         """recon_t, frame_t [3, H, W] in [0, 1]; mask_t [H, W] or None."""
@@ -70,17 +70,15 @@ class LayerErrors:
             on_object = mask_t.to(recon_t.device) >= 0.5
             self.sse["object"] += float(error[on_object].sum())
             self.sse["background"] += float(error[~on_object].sum())
-            self.object_pixels += int(on_object.sum())
-        self.channels = recon_t.shape[0]
+            self.object_values += int(on_object.sum()) * recon_t.shape[0]
 
     def psnrs(self) -> dict:
         def db(sse, values):
             return math.nan if values == 0 else 10 * math.log10(1 / max(sse / values, 1e-12))
         result = {"video": db(self.sse["video"], self.values), "object": None, "background": None}
         if self.with_masks:
-            object_values = self.object_pixels * self.channels
-            result["object"] = db(self.sse["object"], object_values)
-            result["background"] = db(self.sse["background"], self.values - object_values)
+            result["object"] = db(self.sse["object"], self.object_values)
+            result["background"] = db(self.sse["background"], self.values - self.object_values)
         return result
 
 
