@@ -23,7 +23,7 @@ from util.config import check_nla_config, load_config, public
 from util.errors import InputError
 from util.files import write_text_atomic
 from util.image_io import resolve_data_path
-from util.video_io import list_frame_files, masks_folder
+from util.video_io import list_frame_files, masks_folder, used_frame_files
 
 FINISHED_FILE = "finished.json"
 # atlas settings that change where or how training runs, or what it logs, not the atlas it makes
@@ -86,7 +86,7 @@ def atlas_key(video: Path, masks: Path | None, cfg: dict) -> str:
     settings = {k: v for k, v in public(cfg).items() if k not in NOT_IN_KEY}
     frames = hashlib.sha256()
     if video.is_dir():
-        files = list_frame_files(video)[:cfg["maximum_number_of_frames"]]
+        files = used_frame_files(video, cfg["maximum_number_of_frames"])
         settings["maximum_number_of_frames"] = len(files)  # a shorter clip: any larger limit reads the same
         _hash_files(frames, files)
     else:

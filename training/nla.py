@@ -38,7 +38,7 @@ from util.files import remove_quietly
 from util.image_io import resolve_data_path
 from util.precision import resolve_precision
 from util.processes import FolderLock
-from util.video_io import list_frame_files
+from util.video_io import used_frame_files
 
 
 def build_model(cfg: dict, data: VideoData) -> NLAModel:
@@ -193,7 +193,7 @@ def _checkpoint_frames(path: Path) -> int | None:
 def _folder_frames(video_path, cfg: dict) -> int | None:
     """How many frames of a frame folder training uses (None for a video file)."""
     path = Path(resolve_data_path(str(video_path)))
-    return min(len(list_frame_files(path)), cfg["maximum_number_of_frames"]) if path.is_dir() else None
+    return len(used_frame_files(path, cfg["maximum_number_of_frames"])) if path.is_dir() else None
 
 
 def train(cfg: dict, video_path, masks_path, out_dir, progress=None) -> Path:

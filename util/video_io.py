@@ -36,6 +36,13 @@ def list_frame_files(folder) -> list:
     return sorted(files, key=_natural_key)
 
 
+def used_frame_files(folder, max_frames: int) -> list:
+    """The frames of a folder a run uses: the first max_frames of list_frame_files. The one rule
+    for what a frame folder holds, shared by reading (read_clip), the atlas cache's key and the
+    check of an atlas resume, so that they always count the same frames."""
+    return list_frame_files(folder)[:max_frames]
+
+
 @dataclass
 class ClipInfo:
     """What reading a clip found out about it, for checks made against it (its masks)."""
@@ -118,7 +125,7 @@ def read_clip(path, resx: int, resy: int, max_frames: int, min_frames: int = 1, 
         files = list_frame_files(path)
         if not files:
             raise InputError(f"{path} holds no image frames (.jpg/.png); point video_path at a frame folder or a video file")
-        used = files[:max_frames]
+        used = used_frame_files(path, max_frames)
         size = _one_size(used, _image_sizes(used, "frame"), path, "frames")
         images = (_read_image(p) for p in used)  # decoded one at a time, below
         count, total = len(used), len(files)
