@@ -93,6 +93,25 @@ def test_learning_rates_decay_and_resume_keeps_this_runs_settings(synthetic_vide
     assert float(other.state[first]["step"]) == 1
 
 
+@pytest.mark.parametrize("backend, decay", [("grid", 0.1), ("mlp", 1.0)])
+def test_default_learning_rates_decay_for_grid_and_stay_constant_for_mlp(backend, decay, synthetic_video, tmp_path):
+    """lr_decay: null (the default) is the backend's: grid rates end at 0.1x, the official MLPs
+    keep NLA's constant rate. Checked through the training step, as train() calls it."""
+    from datasets.video_data import sample_pixels
+    from training.nla import build_model, prepare_training
+    from util.config import load_config
+    cfg = load_config("nla", overrides=["resx=64", "resy=48", "iters_num=40", "samples_batch=200",
+                                        f"atlas_backend={backend}", *SMALL_GRIDS, *SMALL_NETS])
+    assert cfg["lr_decay"] is None
+    data = VideoData(synthetic_video / "frames", synthetic_video / "masks", cfg, tmp_path, torch.device("cpu"))
+    rng = torch.Generator().manual_seed(0)
+    nla, opt, step = prepare_training(build_model(cfg, data), data, cfg, "cpu", rng)
+    base = [group["base_lr"] for group in opt.param_groups]
+    for it, expected in ((0, 1.0), (20, decay ** 0.5), (40, decay)):
+        step(it, sample_pixels(cfg["samples_batch"], data, rng))
+        assert [float(group["lr"]) for group in opt.param_groups] == pytest.approx([r * expected for r in base])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 @pytest.mark.parametrize("backend", ["grid", "mlp"])
 def test_cuda_graph_steps_train_like_eager_steps(backend, synthetic_video, tmp_path):

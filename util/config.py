@@ -129,7 +129,7 @@ NLA_RULES = {
     "grid_mapping_levels": dict(type="int", min=1, max=8),
     "grid_mapping_lr": dict(type="float", min=0.0, exclusive_min=True),
     "grid_mlp_lr": dict(type="float", min=0.0, exclusive_min=True),
-    "lr_decay": dict(type="float", min=0.0, max=1.0, exclusive_min=True),
+    "lr_decay": dict(type="float", min=0.0, max=1.0, exclusive_min=True, nullable=True),
     "pretrain_motion": dict(type="str", choices=["flow", "translation", "off"]),
     "flow_gaps": dict(type="ints", min=1, contains=1),
     "grid_alpha_layers": dict(type="int", min=2),
