@@ -192,6 +192,30 @@ def test_sigterm_stops_a_training_as_ctrl_c_does(tmp_path, tiny_video):
     assert not (out / LOCK_NAME).exists()
 
 
+def test_run_cli_gives_the_caller_its_sigterm_handler_and_warnings_back():
+    """In-process callers (a notebook, tests) keep their own SIGTERM handling after a command:
+    the handler that turns SIGTERM into Ctrl-C, and the one-line warnings, last only for the call."""
+    import warnings
+
+    from util.errors import InputError
+    own_handler, own_format = (lambda signum, frame: None), warnings.formatwarning
+    before = signal.signal(signal.SIGTERM, own_handler)
+    try:
+        during = []
+        run_cli(lambda argv: during.append((signal.getsignal(signal.SIGTERM), warnings.formatwarning)), [])
+        assert during[0][0] is not own_handler and during[0][1] is not own_format  # in force while main runs
+        assert signal.getsignal(signal.SIGTERM) is own_handler and warnings.formatwarning is own_format
+
+        def bad_input(argv):
+            raise InputError("no such clip")
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(bad_input, [])
+        assert exit_info.value.code == 2
+        assert signal.getsignal(signal.SIGTERM) is own_handler and warnings.formatwarning is own_format
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def test_kill_9_of_batch_ends_its_job(tmp_path, tiny_clip_file, cat_photo):
     """The job gets SIGINT when batch.py dies: it writes its checkpoint, releases its folder and ends."""
     job = {"image_path": str(cat_photo), "clip_model_name": str(tiny_clip_file), "resize_input": 64, "n_aug": 2,

@@ -22,10 +22,13 @@ def run_cli(main, argv=None):
     """Call main(argv); bad input exits with status 2 and a one-line 'error: ...' message, a
     failed write (a full disk) with status 1 and one line saying what failed. SIGTERM (`kill`,
     `timeout`, a scheduler ending the job) stops the run as Ctrl-C does: the trainers write their
-    checkpoint, so the same command resumes; exit status 130 either way."""
+    checkpoint, so the same command resumes; exit status 130 either way. The SIGTERM handler and
+    the one-line warnings last only as long as the call: a caller in the same process (a test,
+    a notebook) gets its own back."""
+    previous_format = warnings.formatwarning
     warnings.formatwarning = _one_line_warning
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous_handler = signal.signal(signal.SIGTERM, _terminate_as_interrupt) if main_thread else None
     try:
         die_with_parent()  # a job of batch.py ends with it
         main(argv)
@@ -37,3 +40,7 @@ def run_cli(main, argv=None):
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
+    finally:
+        warnings.formatwarning = previous_format
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous_handler)
