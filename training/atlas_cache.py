@@ -86,7 +86,7 @@ def atlas_key(video: Path, masks: Path | None, cfg: dict) -> str:
     settings = {k: v for k, v in public(cfg).items() if k not in NOT_IN_KEY}
     frames = hashlib.sha256()
     if video.is_dir():
-        files = used_frame_files(video, cfg["maximum_number_of_frames"])
+        files, _ = used_frame_files(video, cfg["maximum_number_of_frames"])
         settings["maximum_number_of_frames"] = len(files)  # a shorter clip: any larger limit reads the same
         _hash_files(frames, files)
     else:

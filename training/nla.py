@@ -193,7 +193,7 @@ def _checkpoint_frames(path: Path) -> int | None:
 def _folder_frames(video_path, cfg: dict) -> int | None:
     """How many frames of a frame folder training uses (None for a video file)."""
     path = Path(resolve_data_path(str(video_path)))
-    return len(used_frame_files(path, cfg["maximum_number_of_frames"])) if path.is_dir() else None
+    return len(used_frame_files(path, cfg["maximum_number_of_frames"])[0]) if path.is_dir() else None
 
 
 def train(cfg: dict, video_path, masks_path, out_dir, progress=None) -> Path:

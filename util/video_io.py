@@ -36,11 +36,13 @@ def list_frame_files(folder) -> list:
     return sorted(files, key=_natural_key)
 
 
-def used_frame_files(folder, max_frames: int) -> list:
-    """The frames of a folder a run uses: the first max_frames of list_frame_files. The one rule
-    for what a frame folder holds, shared by reading (read_clip), the atlas cache's key and the
-    check of an atlas resume, so that they always count the same frames."""
-    return list_frame_files(folder)[:max_frames]
+def used_frame_files(folder, max_frames: int) -> tuple[list, int]:
+    """(the frames of a folder a run uses, how many the folder holds): the first max_frames of
+    list_frame_files, from one listing. The one rule for what a frame folder holds, shared by
+    reading (read_clip), the atlas cache's key and the check of an atlas resume, so that they
+    always count the same frames."""
+    files = list_frame_files(folder)
+    return files[:max_frames], len(files)
 
 
 @dataclass
@@ -122,13 +124,12 @@ def read_clip(path, resx: int, resy: int, max_frames: int, min_frames: int = 1, 
     if not path.exists():
         raise InputError(f"video_path {path} does not exist; give a folder of frames or a video file")
     if path.is_dir():
-        files = list_frame_files(path)
-        if not files:
+        used, total = used_frame_files(path, max_frames)
+        if total == 0:
             raise InputError(f"{path} holds no image frames (.jpg/.png); point video_path at a frame folder or a video file")
-        used = used_frame_files(path, max_frames)
         size = _one_size(used, _image_sizes(used, "frame"), path, "frames")
         images = (_read_image(p) for p in used)  # decoded one at a time, below
-        count, total = len(used), len(files)
+        count = len(used)
         dropped = f"{total} frames, more than" if total > max_frames else None
     else:
         held, more = _read_video_file(path, max_frames)  # uint8, released frame by frame below
