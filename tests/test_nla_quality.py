@@ -163,6 +163,56 @@ def test_the_error_share_follows_the_reconstruction_error(clip, tmp_path):
     assert float(in_box) > 0.45  # the box is 8% of the frame: half the samples (the error share) go there
 
 
+def object_samples(sampler, data, n=20000):
+    t, y, x, _ = sampler(n)
+    return float((data.masks[t, y, x] >= 0.5).float().mean())  # share of the samples on the mask
+
+
+@pytest.mark.parametrize("wrong", ["object", "background"])
+def test_the_object_share_is_drawn_only_while_the_object_reconstructs_worse(clip, tmp_path, wrong):
+    """Frames that match the model's reconstruction except on the object (or except off it):
+    after a measurement the object's share is drawn in the first case and not in the second,
+    where its pixels go to the uniform draw; with sample_object_while_worse=false it stays."""
+    cfg, data = load_clip(clip, tmp_path, "sample_object_share=0.6", "sample_error_share=0")
+    nla = build_model(cfg, data)
+    data.frames = reconstruct(nla).permute(0, 2, 3, 1).contiguous()
+    on_object = data.masks >= 0.5
+    wrong_pixels = on_object if wrong == "object" else ~on_object
+    data.frames[wrong_pixels] = (data.frames[wrong_pixels] + 0.3) % 1
+    sampler = PixelSampler(data, cfg, torch.Generator().manual_seed(0))
+    assert sampler.due(0)  # measured without an error share, to know whether the object is worse
+    before = object_samples(sampler, data)  # not measured yet: the object's share is drawn
+    sampler.refresh(nla)
+    assert not sampler.due(1) and sampler.due(250)
+    after = object_samples(sampler, data)
+    uniform = float(on_object.float().mean())  # 4% of the video
+    assert before > 0.1
+    if wrong == "object":
+        assert sampler.object_worse and after > 0.1
+    else:
+        assert not sampler.object_worse and after == pytest.approx(uniform, abs=0.01)
+    kept = PixelSampler(data, load_clip(clip, tmp_path, "sample_object_share=0.6", "sample_error_share=0",
+                                        "sample_object_while_worse=false")[0], torch.Generator().manual_seed(0))
+    assert not kept.due(0)  # nothing to measure
+    kept.refresh(nla)
+    assert object_samples(kept, data) > 0.1
+
+
+def test_training_measures_whether_the_object_is_worse_without_an_error_share(clip, tmp_path, monkeypatch):
+    """train() refreshes the sampler at the first step and every REFRESH_EVERY steps when only
+    the object's share is set, as it does for the error share."""
+    import training.nla_sampling as sampling
+    monkeypatch.setattr(sampling, "REFRESH_EVERY", 20)
+    measured = []
+    refresh = PixelSampler.refresh
+    monkeypatch.setattr(PixelSampler, "refresh", lambda self, nla, *a: measured.append(self.object_worse) or refresh(self, nla, *a))
+    args = ["--video", str(clip / "frames"), "--masks", str(clip / "masks"), "--out", str(tmp_path / "atlas"),
+            "resx=64", "resy=48", "iters_num=50", "samples_batch=500", "evaluate_every=50", "device=cpu",
+            "sample_object_share=0.3", "sample_error_share=0", *SMALL_GRIDS]
+    train_nla.main(args)
+    assert len(measured) == 3  # steps 0, 20 and 40
+
+
 def test_shares_over_one_are_refused_in_one_line(clip, tmp_path, capsys):
     args = ["--video", str(clip / "frames"), "--masks", str(clip / "masks"), "--out", str(tmp_path / "out"),
             "sample_object_share=0.7", "sample_error_share=0.5"]

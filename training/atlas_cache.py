@@ -28,6 +28,9 @@ from util.video_io import list_frame_files, masks_folder, used_frame_files
 FINISHED_FILE = "finished.json"
 # atlas settings that change where or how training runs, or what it logs, not the atlas it makes
 NOT_IN_KEY = ("device", "cuda_graph", "evaluate_every", "preview_atlas_resolution", "fps")
+# settings added after atlases were first cached, with the value that trains as before they
+# existed: left out of the key at that value, so an atlas cached earlier is still found with it
+KEY_SINCE = {"sample_object_while_worse": False}
 # folder names that say nothing about the clip (DAVIS: <clip>/frames, JPEGImages/480p/<clip>)
 GENERIC_FOLDERS = {"frames", "images", "image", "rgb", "jpegimages", "480p", "1080p", "full-resolution"}
 NO_MASKS = ("no masks given: the atlas has a background layer only (the whole frame), so only the background "
@@ -83,7 +86,7 @@ def _hash_files(digest, files):
 def atlas_key(video: Path, masks: Path | None, cfg: dict) -> str:
     """12 hex digits naming what the atlas is made of: the frames it reads (a folder: its first
     maximum_number_of_frames images; a file: its bytes), the masks beside them, the settings."""
-    settings = {k: v for k, v in public(cfg).items() if k not in NOT_IN_KEY}
+    settings = {k: v for k, v in public(cfg).items() if k not in NOT_IN_KEY and not (k in KEY_SINCE and v == KEY_SINCE[k])}
     frames = hashlib.sha256()
     if video.is_dir():
         files, _ = used_frame_files(video, cfg["maximum_number_of_frames"])

@@ -11,7 +11,11 @@ PixelSampler can give shares of each step's pixels to
                     sparse lattice of pixels every REFRESH_EVERY steps (refresh)
 
 and draws the rest uniformly. With both shares 0 it draws exactly what sample_pixels draws
-(the official sampling, the same random numbers).
+(the official sampling, the same random numbers). With sample_object_while_worse (the
+default), the object's share is drawn only while the object reconstructs worse than the
+background (a larger mean squared error at the last measurement); while it is as good, those
+pixels are drawn uniformly, so an easy object (blackswan's swan) does not take samples the
+background needs.
 """
 
 import math
@@ -50,6 +54,8 @@ class PixelSampler:
     def __init__(self, data: VideoData, cfg: dict, rng: torch.Generator):
         self.data, self.rng = data, rng
         self.share_object, self.share_error = sample_shares(cfg, data.masks is not None)
+        self.object_while_worse = bool(cfg.get("sample_object_while_worse", False))
+        self.object_worse = True  # until measured, the object's share is drawn
         self.measured = False
         device = rng.device
         self.blocks_y, self.blocks_x = -(-(data.H - 1) // BLOCK), -(-(data.W - 1) // BLOCK)  # over the samplable area
@@ -71,8 +77,13 @@ class PixelSampler:
         """Cumulative weights of the blocks, flattened (float64: a million blocks add up exactly)."""
         return weights.flatten().double().cumsum(0)
 
+    def measures(self) -> bool:
+        """Whether training measures the error: for the error share, or to know whether the
+        object still reconstructs worse than the background."""
+        return self.share_error > 0 or (self.object_cdf is not None and self.object_while_worse)
+
     def due(self, step: int) -> bool:
-        return self.share_error > 0 and (not self.measured or step % REFRESH_EVERY == 0)
+        return self.measures() and (not self.measured or step % REFRESH_EVERY == 0)
 
     @torch.no_grad()
     def refresh(self, nla, chunk: int = 65536):
@@ -80,7 +91,9 @@ class PixelSampler:
         along x and y, sparser on a long video so that at most MAX_MEASURED are rendered; offset
         by a random phase, so every pixel is measured now and then) and make each measured
         block's weight its mean error there (a block the lattice missed keeps its last weight),
-        plus a floor of 1% of the mean weight, so no block is starved."""
+        plus a floor of 1% of the mean weight, so no block is starved. With
+        sample_object_while_worse, it also compares the mean error on the object's mask and
+        off it (object_worse)."""
         data, device = self.data, self.rng.device
         stride = max(LATTICE, math.ceil(math.sqrt(data.T * (data.H - 1) * (data.W - 1) / MAX_MEASURED)))
         phase = torch.randint(0, stride, (2,), generator=self.rng, device=device)
@@ -95,11 +108,16 @@ class PixelSampler:
             tc, yc, xc = t[i:i + chunk], y[i:i + chunk], x[i:i + chunk]
             rgb = nla(nla.normalize(xc.float(), yc.float(), tc.float()).to(model_device))["rgb"].to(device)
             error[i:i + chunk] = ((rgb - data.frames[tc, yc, xc].to(device)) ** 2).sum(-1)
-        block = (t * self.blocks_y + y // BLOCK) * self.blocks_x + x // BLOCK
-        total = torch.zeros(data.T * self.blocks_y * self.blocks_x, device=device).index_add_(0, block, error)
-        count = torch.zeros_like(total).index_add_(0, block, torch.ones_like(error))
-        self.block_error = torch.where(count > 0, total / count.clamp(min=1), self.block_error)
-        self.error_cdf = self.cdf(self.block_error + 0.01 * self.block_error.mean().clamp(min=1e-8))
+        if self.object_cdf is not None and self.object_while_worse:
+            on_object = data.masks[t, y, x].to(device) >= 0.5  # [M]
+            if on_object.any() and not on_object.all():  # else keep the last answer
+                self.object_worse = bool(error[on_object].mean() > error[~on_object].mean())
+        if self.error_cdf is not None:
+            block = (t * self.blocks_y + y // BLOCK) * self.blocks_x + x // BLOCK
+            total = torch.zeros(data.T * self.blocks_y * self.blocks_x, device=device).index_add_(0, block, error)
+            count = torch.zeros_like(total).index_add_(0, block, torch.ones_like(error))
+            self.block_error = torch.where(count > 0, total / count.clamp(min=1), self.block_error)
+            self.error_cdf = self.cdf(self.block_error + 0.01 * self.block_error.mean().clamp(min=1e-8))
         self.measured = True
 
     def from_blocks(self, n: int, cdf):
@@ -118,7 +136,7 @@ class PixelSampler:
         return t, y, x
 
     def __call__(self, n: int):
-        n_object = round(n * self.share_object) if self.object_cdf is not None else 0
+        n_object = round(n * self.share_object) if self.object_cdf is not None and self.object_worse else 0
         n_error = round(n * self.share_error) if self.error_cdf is not None else 0
         if n_object == 0 and n_error == 0:
             return sample_pixels(n, self.data, self.rng)
