@@ -191,8 +191,7 @@ def test_the_object_share_is_drawn_only_while_the_object_reconstructs_worse(clip
         assert sampler.object_worse and after > 0.1
     else:
         assert not sampler.object_worse and after == pytest.approx(uniform, abs=0.01)
-    kept = PixelSampler(data, load_clip(clip, tmp_path, "sample_object_share=0.6", "sample_error_share=0",
-                                        "sample_object_while_worse=false")[0], torch.Generator().manual_seed(0))
+    kept = PixelSampler(data, {**cfg, "sample_object_while_worse": False}, torch.Generator().manual_seed(0))
     assert not kept.due(0)  # nothing to measure
     kept.refresh(nla)
     assert object_samples(kept, data) > 0.1

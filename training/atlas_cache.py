@@ -86,7 +86,8 @@ def _hash_files(digest, files):
 def atlas_key(video: Path, masks: Path | None, cfg: dict) -> str:
     """12 hex digits naming what the atlas is made of: the frames it reads (a folder: its first
     maximum_number_of_frames images; a file: its bytes), the masks beside them, the settings."""
-    settings = {k: v for k, v in public(cfg).items() if k not in NOT_IN_KEY and not (k in KEY_SINCE and v == KEY_SINCE[k])}
+    settings = {k: v for k, v in public(cfg).items()
+                if k not in NOT_IN_KEY and not (k in KEY_SINCE and v == KEY_SINCE[k])}
     frames = hashlib.sha256()
     if video.is_dir():
         files, _ = used_frame_files(video, cfg["maximum_number_of_frames"])
