@@ -199,7 +199,9 @@ def test_the_object_share_is_drawn_only_while_the_object_reconstructs_worse(clip
 
 def test_training_measures_whether_the_object_is_worse_without_an_error_share(clip, tmp_path, monkeypatch):
     """train() refreshes the sampler at the first step and every REFRESH_EVERY steps when only
-    the object's share is set, as it does for the error share."""
+    the object's share is set, as it does for the error share; a resumed run (whose sampler
+    state is not saved) measures again at its first step, so the object's share is decided
+    afresh instead of being drawn unmeasured until the next multiple of REFRESH_EVERY."""
     import training.nla_sampling as sampling
     monkeypatch.setattr(sampling, "REFRESH_EVERY", 20)
     measured = []
@@ -210,6 +212,8 @@ def test_training_measures_whether_the_object_is_worse_without_an_error_share(cl
             "sample_object_share=0.3", "sample_error_share=0", *SMALL_GRIDS]
     train_nla.main(args)
     assert len(measured) == 3  # steps 0, 20 and 40
+    train_nla.main([*args, "iters_num=75"])
+    assert len(measured) == 5  # resumed at 50: steps 50 and 60
 
 
 def test_shares_over_one_are_refused_in_one_line(clip, tmp_path, capsys):
