@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from text2live import atlas_settings, edit_video, make_atlas
-from training.atlas_cache import clip_name
+from training.atlas_cache import check_clip, clip_name
 from training.loop import resume_config
 from training.video import render, train
 from util.cli import run_cli
@@ -82,6 +82,7 @@ def edit_clip(cfg: dict, args, typed: dict, atlas_keys: dict):
     if given_atlas and (args.masks or args.atlas_only or atlas_keys):
         raise ConfigError("checkpoint_path= names an atlas already trained: drop it to train the clip's atlas "
                           "(--masks, --atlas-only, nla.<key>), or drop those to edit with it")
+    check_clip(args.video, args.masks)  # a missing or empty clip is said before what the edit needs of it
     shared = {k: typed[k] for k in CLIP_KEYS if k in typed}
     if args.atlas_only:
         checkpoint = make_atlas(args.video, None, args.masks, device=cfg["device"], overrides={**shared, **atlas_keys},

@@ -134,6 +134,18 @@ def test_train_video_refuses_a_clip_with_no_frames_before_any_run_folder(tiny_vi
     assert not (tmp_path / "results").exists()
 
 
+def test_one_command_says_the_clip_has_no_frames_before_asking_for_masks(tmp_path, capsys):
+    """--video with a foreground edit and no --masks: an empty clip is the first thing to fix,
+    so it is said first (with --atlas-only too), and neither an atlas nor a run folder is made."""
+    (tmp_path / "no_frames").mkdir()
+    for extra in ([], ["--atlas-only"]):
+        args = ["--video", str(tmp_path / "no_frames"), *extra, "--example_config", "blackswan_gold",
+                f"results_folder={tmp_path / 'results'}", f"atlases_folder={tmp_path / 'atlases'}", "device=cpu"]
+        code, err = cli(train_video.main, args, capsys)
+        assert code == 2 and len(err) == 1 and "holds no image frames" in err[0], err
+    assert not (tmp_path / "results").exists() and not (tmp_path / "atlases").exists()
+
+
 def test_writers_take_one_frame_at_a_time_and_leave_nothing_when_stopped(tmp_path):
     """MP4 and alpha-video writers fed frame by frame; a failure midway leaves no file, whole or part."""
     from util.alpha_video import AlphaVideoWriter, read_alpha_video
