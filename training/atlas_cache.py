@@ -23,7 +23,7 @@ from util.config import check_nla_config, load_config, public
 from util.errors import InputError
 from util.files import write_text_atomic
 from util.image_io import resolve_data_path
-from util.video_io import list_frame_files, masks_folder, require_frames, used_frame_files
+from util.video_io import list_frame_files, masks_folder, no_frames_error, used_frame_files
 
 FINISHED_FILE = "finished.json"
 # atlas settings that change where or how training runs, or what it logs, not the atlas it makes
@@ -43,8 +43,8 @@ def check_clip(video, masks=None) -> tuple[Path, Path | None]:
     path = Path(resolve_data_path(str(video)))
     if not path.exists():
         raise InputError(f"video {video} does not exist; give a video file (e.g. clip.mp4) or a folder of frames")
-    if path.is_dir():
-        require_frames(path)
+    if path.is_dir() and not list_frame_files(path):
+        raise no_frames_error(path)
     if masks is None:
         return path, None
     return path, masks_folder(masks)

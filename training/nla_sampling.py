@@ -54,7 +54,7 @@ class PixelSampler:
     def __init__(self, data: VideoData, cfg: dict, rng: torch.Generator):
         self.data, self.rng = data, rng
         self.share_object, self.share_error = sample_shares(cfg, data.masks is not None)
-        self.object_while_worse = bool(cfg.get("sample_object_while_worse", False))
+        object_while_worse = bool(cfg.get("sample_object_while_worse", False))
         self.object_worse = True  # until measured, the object's share is drawn
         self.measured = False
         device = rng.device
@@ -67,6 +67,7 @@ class PixelSampler:
                 self.object_cdf = self.cdf(touched.to(device))
             else:  # no object anywhere: its share is drawn uniformly
                 self.share_object = 0.0
+        self.compares_object = object_while_worse and self.object_cdf is not None  # measures object_worse
         self.error_cdf = None
         if self.share_error > 0:
             self.block_error = torch.ones(data.T * self.blocks_y * self.blocks_x, device=device)  # [blocks]
@@ -80,7 +81,7 @@ class PixelSampler:
     def measures(self) -> bool:
         """Whether training measures the error: for the error share, or to know whether the
         object still reconstructs worse than the background."""
-        return self.share_error > 0 or (self.object_cdf is not None and self.object_while_worse)
+        return self.share_error > 0 or self.compares_object
 
     def due(self, step: int) -> bool:
         return self.measures() and (not self.measured or step % REFRESH_EVERY == 0)
@@ -108,7 +109,7 @@ class PixelSampler:
             tc, yc, xc = t[i:i + chunk], y[i:i + chunk], x[i:i + chunk]
             rgb = nla(nla.normalize(xc.float(), yc.float(), tc.float()).to(model_device))["rgb"].to(device)
             error[i:i + chunk] = ((rgb - data.frames[tc, yc, xc].to(device)) ** 2).sum(-1)
-        if self.object_cdf is not None and self.object_while_worse:
+        if self.compares_object:
             on_object = data.masks[t, y, x].to(device) >= 0.5  # [M]
             if on_object.any() and not on_object.all():  # else keep the last answer
                 self.object_worse = bool(error[on_object].mean() > error[~on_object].mean())

@@ -36,11 +36,10 @@ def list_frame_files(folder) -> list:
     return sorted(files, key=_natural_key)
 
 
-def require_frames(folder: Path) -> None:
-    """A one-line InputError when a frame folder holds no image frames."""
-    if not list_frame_files(folder):
-        raise InputError(f"{folder} holds no image frames (.jpg/.png); give a folder of frames or a video file "
-                         "(e.g. clip.mp4) instead")
+def no_frames_error(folder: Path) -> InputError:
+    """The one-line error for a frame folder that holds no image frames."""
+    return InputError(f"{folder} holds no image frames (.jpg/.png); give a folder of frames or a video file "
+                      "(e.g. clip.mp4) instead")
 
 
 def used_frame_files(folder, max_frames: int) -> tuple[list, int]:
@@ -131,8 +130,9 @@ def read_clip(path, resx: int, resy: int, max_frames: int, min_frames: int = 1, 
     if not path.exists():
         raise InputError(f"video_path {path} does not exist; give a folder of frames or a video file")
     if path.is_dir():
-        require_frames(path)
         used, total = used_frame_files(path, max_frames)
+        if total == 0:
+            raise no_frames_error(path)
         size = _one_size(used, _image_sizes(used, "frame"), path, "frames")
         images = (_read_image(p) for p in used)  # decoded one at a time, below
         count = len(used)
