@@ -228,6 +228,18 @@ def test_shares_over_one_are_refused_in_one_line(clip, tmp_path, capsys):
         load_config("nla", overrides=["sample_error_share=1.5"])
 
 
+def saved_and_loaded(nla, tmp_path):
+    """nla with its weights moved off their initial values, saved and loaded back; the loaded
+    atlas reconstructs exactly as the saved one."""
+    with torch.no_grad():
+        for p in nla.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    torch.save(nla.checkpoint(), tmp_path / "checkpoint")
+    loaded = NLAModel.from_checkpoint(tmp_path / "checkpoint", 64, 48, 6)
+    assert torch.equal(reconstruct(loaded), reconstruct(nla))
+    return loaded
+
+
 def test_a_finer_foreground_mapping_and_sharper_opacity_save_and_load(clip, tmp_path):
     """grid_mapping_cell_foreground and grid_alpha_frequencies change the grid checkpoint's
     architectures, which loading reads back (an atlas with the earlier defaults is the case
@@ -235,13 +247,21 @@ def test_a_finer_foreground_mapping_and_sharper_opacity_save_and_load(clip, tmp_
     cfg, data = load_clip(clip, tmp_path, "grid_mapping_cell_foreground=4", "grid_alpha_frequencies=7")
     nla = build_model(cfg, data)
     assert nla.mapping_foreground.cell == 4 and nla.mapping_background.cell == 8 and nla.alpha.frequencies == 7
-    with torch.no_grad():
-        for p in nla.parameters():
-            p.add_(0.01 * torch.randn_like(p))
-    torch.save(nla.checkpoint(), tmp_path / "checkpoint")
-    loaded = NLAModel.from_checkpoint(tmp_path / "checkpoint", 64, 48, 6)
+    loaded = saved_and_loaded(nla, tmp_path)
     assert loaded.mapping_foreground.cell == 4 and loaded.mapping_background.cell == 8 and loaded.alpha.frequencies == 7
-    assert torch.equal(reconstruct(loaded), reconstruct(nla))
+
+
+def test_both_mappings_default_to_8_px_and_an_atlas_with_the_earlier_16_px_background_loads_as_trained(
+        clip, tmp_path):
+    """The defaults measured in the README (a vertex every 8 px on both layers); an atlas trained
+    with the earlier background cell (16) keeps it when loaded, whatever the config now says."""
+    defaults = load_config("nla")
+    assert defaults["grid_mapping_cell"] == 8 and defaults["grid_mapping_cell_foreground"] == 8
+    cfg, data = load_clip(clip, tmp_path, "grid_mapping_cell=16")
+    nla = build_model(cfg, data)
+    assert nla.mapping_background.cell == 16 and nla.mapping_foreground.cell == 8
+    loaded = saved_and_loaded(nla, tmp_path)
+    assert loaded.mapping_background.cell == 16 and loaded.mapping_foreground.cell == 8
 
 
 def test_measuring_the_error_of_a_long_video_renders_a_bounded_number_of_pixels(clip, tmp_path, monkeypatch):
