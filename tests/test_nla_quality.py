@@ -244,24 +244,26 @@ def test_a_finer_foreground_mapping_and_sharper_opacity_save_and_load(clip, tmp_
     """grid_mapping_cell_foreground and grid_alpha_frequencies change the grid checkpoint's
     architectures, which loading reads back (an atlas with the earlier defaults is the case
     where both equal the background's cell and positional_encoding_num_alpha)."""
-    cfg, data = load_clip(clip, tmp_path, "grid_mapping_cell_foreground=4", "grid_alpha_frequencies=7")
+    cfg, data = load_clip(clip, tmp_path, "grid_mapping_cell_foreground=6", "grid_alpha_frequencies=7")
     nla = build_model(cfg, data)
-    assert nla.mapping_foreground.cell == 4 and nla.mapping_background.cell == 8 and nla.alpha.frequencies == 7
+    assert nla.mapping_foreground.cell == 6 and nla.mapping_background.cell == 8 and nla.alpha.frequencies == 7
     loaded = saved_and_loaded(nla, tmp_path)
-    assert loaded.mapping_foreground.cell == 4 and loaded.mapping_background.cell == 8 and loaded.alpha.frequencies == 7
+    assert loaded.mapping_foreground.cell == 6 and loaded.mapping_background.cell == 8 and loaded.alpha.frequencies == 7
 
 
-def test_both_mappings_default_to_8_px_and_an_atlas_with_the_earlier_16_px_background_loads_as_trained(
+def test_the_mappings_default_to_4_px_on_the_object_and_8_behind_and_earlier_atlases_load_as_trained(
         clip, tmp_path):
-    """The defaults measured in the README (a vertex every 8 px on both layers); an atlas trained
-    with the earlier background cell (16) keeps it when loaded, whatever the config now says."""
+    """The defaults measured in the README (a vertex every 4 px on the foreground, 8 on the
+    background); an atlas trained with the earlier cells (8 and 16) keeps them when loaded,
+    whatever the config now says."""
     defaults = load_config("nla")
-    assert defaults["grid_mapping_cell"] == 8 and defaults["grid_mapping_cell_foreground"] == 8
-    cfg, data = load_clip(clip, tmp_path, "grid_mapping_cell=16")
+    assert defaults["grid_mapping_cell_foreground"] == 4 and defaults["grid_mapping_cell"] == 8
+    cfg, data = load_clip(clip, tmp_path, "grid_mapping_cell=16", "grid_mapping_cell_foreground=8")
     nla = build_model(cfg, data)
     assert nla.mapping_background.cell == 16 and nla.mapping_foreground.cell == 8
     loaded = saved_and_loaded(nla, tmp_path)
     assert loaded.mapping_background.cell == 16 and loaded.mapping_foreground.cell == 8
+    assert build_model(load_clip(clip, tmp_path)[0], data).mapping_foreground.cell == 4  # new atlases: 4
 
 
 def test_measuring_the_error_of_a_long_video_renders_a_bounded_number_of_pixels(clip, tmp_path, monkeypatch):
