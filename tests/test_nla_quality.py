@@ -258,12 +258,12 @@ def test_the_mappings_default_to_4_px_on_the_object_and_8_behind_and_earlier_atl
     whatever the config now says."""
     defaults = load_config("nla")
     assert defaults["grid_mapping_cell_foreground"] == 4 and defaults["grid_mapping_cell"] == 8
-    cfg, data = load_clip(clip, tmp_path, "grid_mapping_cell=16", "grid_mapping_cell_foreground=8")
-    nla = build_model(cfg, data)
+    cfg, data = load_clip(clip, tmp_path)
+    assert build_model(cfg, data).mapping_foreground.cell == 4  # new atlases: 4
+    nla = build_model({**cfg, "grid_mapping_cell": 16, "grid_mapping_cell_foreground": 8}, data)
     assert nla.mapping_background.cell == 16 and nla.mapping_foreground.cell == 8
     loaded = saved_and_loaded(nla, tmp_path)
     assert loaded.mapping_background.cell == 16 and loaded.mapping_foreground.cell == 8
-    assert build_model(load_clip(clip, tmp_path)[0], data).mapping_foreground.cell == 4  # new atlases: 4
 
 
 def test_measuring_the_error_of_a_long_video_renders_a_bounded_number_of_pixels(clip, tmp_path, monkeypatch):
