@@ -105,6 +105,13 @@ def wait_for_text(page, selector: str, text: str):
                            timeout=TIMEOUT_MS)
 
 
+def has_value(page, selector: str, value: str):
+    """`selector`'s field shows `value` (waiting for it: an example or a finished run fills it
+    in a moment after the click)."""
+    from playwright.sync_api import expect
+    expect(page.locator(selector)).to_have_value(value, timeout=TIMEOUT_MS)
+
+
 def seen(locator, text: str | None = None):
     """The element is shown to the user: visible, with `text`, and nothing covers it (a trial
     click checks that it would receive the click)."""
@@ -166,8 +173,9 @@ def queue_a_short_run(browser, url: str):
 
 def test_image_tab_runs_shows_progress_and_previews_stops_and_downloads(page, browser, app, tmp_path):
     page.get_by_text("cat with leopard fur").first.click()  # an example fills in every field
-    assert page.input_value("#comp textarea") == "cat with leopard fur"
-    assert page.input_value("#screen textarea") == "leopard fur" and page.input_value("#bootstrap textarea") == "cat"
+    has_value(page, "#comp textarea", "cat with leopard fur")
+    has_value(page, "#screen textarea", "leopard fur")
+    has_value(page, "#bootstrap textarea", "cat")
     page.wait_for_selector("#photo img")
 
     # steps beyond the page's bound: refused at once, and the progress line says why
@@ -197,8 +205,10 @@ def test_image_tab_runs_shows_progress_and_previews_stops_and_downloads(page, br
     third.wait_for_function("!document.querySelector('#run').disabled")
     third.click("#stop")  # Stop on an idle page does nothing: no message, nothing cancelled later
     page.click("#stop")
-    wait_for_text(page, "#progress", "stopped: step")
-    done = int(page.inner_text("#progress").split("step ")[1].split(" /")[0])
+    stopped = page.wait_for_function(
+        "() => document.querySelector('#progress')?.innerText.match(/stopped: step (\\d+) \\/ 5000/)?.[1]",
+        timeout=TIMEOUT_MS)
+    done = int(stopped.json_value())  # read in the same look as the wait: the bar may re-render after it
     assert 5 <= done < 5000 and done % 5 == 0
     wait_for_text(page, "#command", f"n_epochs={done}")
     wait_for_text(other, "#progress", "done: step 4 / 4")  # the queued run went next
@@ -274,7 +284,7 @@ def test_video_tab_trains_an_atlas_from_an_upload_and_edits_it(page, app, tmp_pa
     page.click("#atlas-run")
     wait_for_text(page, "#atlas-progress", "atlas 'coffee' done")
     page.wait_for_selector("#atlas-preview img")
-    assert page.input_value("#atlas input") == "coffee"
+    has_value(page, "#atlas input", "coffee")
     # trained without masks: it has only a background layer, and the page picks it
     seen(page.locator("#layer").get_by_text("trained without object masks: it has only a background layer"))
     assert page.locator("#layer input[type=radio]").count() == 1
