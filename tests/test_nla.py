@@ -121,9 +121,11 @@ def test_coarse_mapping_levels_add_smooth_offsets_and_learn():
 
 
 @pytest.mark.parametrize("resx, resy, cell, levels", [(64, 32, 4, 3), (100, 37, 7, 2), (48, 48, 5, 4)])
-def test_mapping_levels_summed_on_the_finest_vertices_equal_sampling_each_level(resx, resy, cell, levels):
-    """GridMapping samples one grid holding every level upsampled to the finest vertices; inside
-    the frame that must equal bilinear sampling of each level on its own, summed."""
+def test_mapping_equals_each_level_sampled_and_summed_and_past_the_frame_the_border(resx, resy, cell, levels):
+    """GridMapping gathers each level's vertices around a point; that must equal grid_sample of
+    each level on its own, summed, inside the frame, and past it (the global rigidity looks 100 px
+    away) what the earlier implementation gave, which trained the atlases made before: every level
+    upsampled to the finest vertices, summed, and sampled once with border padding."""
     import torch.nn.functional as F
 
     from models.nla import GridMapping
@@ -142,6 +144,33 @@ def test_mapping_levels_summed_on_the_finest_vertices_equal_sampling_each_level(
         at = torch.stack([x / ((w - 1) * c) * 2 - 1, y / ((h - 1) * c) * 2 - 1, depth], dim=-1).view(1, -1, 1, 1, 3)
         expected = expected + F.grid_sample(grid, at, align_corners=True, padding_mode="border")[0, :, :, 0, 0].t()
     assert torch.allclose(mapping(p), expected, atol=2e-5)
+
+    far_x, far_y = x + torch.randint(-100, 101, (500,)), y + torch.randint(-100, 101, (500,))  # in and out
+    summed = mapping.offsets
+    grid_h, grid_w = summed.shape[-2:]
+    for level, coarse in enumerate(mapping.coarse, start=1):
+        f, (h, w) = 2 ** level, coarse.shape[-2:]
+        up = F.interpolate(coarse.flatten(1, 2), size=(f * (h - 1) + 1, f * (w - 1) + 1), mode="bilinear",
+                           align_corners=True)
+        summed = summed + up[..., :grid_h, :grid_w].view_as(summed)
+    at = torch.stack([far_x / ((grid_w - 1) * cell) * 2 - 1, far_y / ((grid_h - 1) * cell) * 2 - 1, depth], dim=-1)
+    before = F.grid_sample(summed, at.view(1, -1, 1, 1, 3), align_corners=True, padding_mode="border")
+    far = NLAModel(resx, resy, T).normalize(far_x, far_y, t)
+    assert torch.allclose(mapping(far), 0.8 * far[:, :2] + before[0, :, :, 0, 0].t(), atol=2e-5)
+
+
+def test_a_mapping_step_changes_only_the_vertices_around_its_points():
+    """A point's gradient reaches the 4 vertices of its cell in its own frame, on every level, and
+    no other frame (what keeps a step's cost flat in the clip's length)."""
+    from models.nla import GridMapping
+    mapping = GridMapping(64, 32, 5, cell=4, scale=0.8, levels=3)
+    p = NLAModel(64, 32, 5).normalize(torch.tensor([10.5]), torch.tensor([6.25]), torch.tensor([3.0]))
+    mapping(p).sum().backward()
+    for grid, cell in zip([mapping.offsets, *mapping.coarse], mapping.cells):
+        touched = grid.grad[0, 0].nonzero().tolist()  # [frame, row, column] of every vertex with a gradient
+        x0, y0 = int(10.5 // cell), int(6.25 // cell)
+        assert sorted(touched) == [[3, y0 + dy, x0 + dx] for dy in (0, 1) for dx in (0, 1)]
+        assert torch.isclose(grid.grad[0, 0].sum(), torch.tensor(1.0))  # bilinear weights sum to 1
 
 
 def test_grid_mapping_starts_as_the_scaled_identity_and_keeps_rigidity_zero():
