@@ -198,10 +198,10 @@ def sample_frame_grid(grid, gx, gy, t):
     units inside the grid, t [N] frame indices (whole frames: every point an atlas is trained or
     rendered at lies on one) -> [N, C].
 
-    Four gathers of the points' own vertices, so a step costs the same however long the clip:
-    no whole-clip tensor is built, and the backward pass adds into the few vertices sampled. (Summing
-    the levels on the finest grid and one grid_sample, as before, touched every frame's grid
-    twice per step: 5x slower at 300 frames of 768x432, 1.5x at 70 of 432x240.)"""
+    Four gathers of the points' own vertices: no whole-clip tensor is built, and the backward
+    pass adds into the few vertices sampled, so the mapping's part of a step does not grow with
+    the clip (summing the levels over every frame's grid each step did; README, "Two atlas
+    backends")."""
     channels, h, w = grid.shape[1], grid.shape[-2], grid.shape[-1]
     x0 = gx.detach().floor().clamp(0, max(w - 2, 0))  # the cell's first vertex; the last cell holds the far edge
     y0 = gy.detach().floor().clamp(0, max(h - 2, 0))
