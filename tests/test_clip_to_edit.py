@@ -128,16 +128,18 @@ def test_atlas_only_and_atlas_keys_reach_the_atlas_and_its_key(clip, edit_args, 
     assert third not in (first, second) and torch.load(third / "checkpoint", weights_only=False)["resx"] == 32
 
 
-def test_a_setting_added_later_keeps_earlier_atlases_keys_at_its_earlier_behaviour(clip):
-    """sample_object_while_worse came after atlases were cached: at false (training as before it
-    existed) the key is the one computed without it, so those atlases are found; at true, another."""
+@pytest.mark.parametrize("key", ["sample_object_while_worse", "uv_mapping_fit"])
+def test_a_setting_added_later_keeps_earlier_atlases_keys_at_its_earlier_behaviour(clip, key):
+    """Settings that came after atlases were cached: at false (training as before they existed)
+    the key is the one computed without them, so those atlases are found; at true, another."""
     from training.atlas_cache import atlas_key
     from util.config import load_config
     video, masks = clip / "pan" / "frames", clip / "pan" / "masks"
-    cfg = load_config("nla", overrides=["resx=48", "resy=32"])
-    earlier = {k: v for k, v in cfg.items() if k != "sample_object_while_worse"}  # a config from before the key
-    assert atlas_key(video, masks, {**cfg, "sample_object_while_worse": False}) == atlas_key(video, masks, earlier)
-    assert atlas_key(video, masks, {**cfg, "sample_object_while_worse": True}) != atlas_key(video, masks, earlier)
+    cfg = load_config("nla", overrides=["resx=48", "resy=32", "sample_object_while_worse=false",
+                                        "uv_mapping_fit=false"])
+    earlier = {k: v for k, v in cfg.items() if k not in ("sample_object_while_worse", "uv_mapping_fit")}
+    assert atlas_key(video, masks, cfg) == atlas_key(video, masks, earlier)  # a config from before both keys
+    assert atlas_key(video, masks, {**cfg, key: True}) != atlas_key(video, masks, earlier)
 
 
 def test_an_interrupted_atlas_is_resumed_never_reused(clip, edit_args, tmp_path, monkeypatch, capsys):

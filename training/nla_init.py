@@ -143,6 +143,27 @@ def layer_ranges(lo, hi) -> dict:
     return {name: (y, x) for name, (x, y) in LAYER_RANGES.items()}
 
 
+def fitting_scale(extents: dict, ranges: dict):
+    """(factor, layer, axis): the largest factor <= 1 by which shrinking every layer (extents
+    [name] = (lo, hi), its extent over the video in mapping units, scales with it) fits each in
+    its share of the atlas (`ranges`, as LAYER_RANGES) along both axes, with 0.1% to spare, and
+    the layer and axis that set it (None, None when every layer fits as it is)."""
+    best = (1.0, None, None)
+    for name, (lo, hi) in extents.items():
+        for axis, (a0, a1) in enumerate(ranges[name]):
+            factor = 0.999 * (a1 - a0) / max(float(hi[axis] - lo[axis]), 1e-9)
+            if factor < best[0]:
+                best = (factor, name, axis)
+    return best
+
+
+def texels_per_pixel(resolution: int, scale: float, half: float) -> float:
+    """How many of the grid atlas's finest texels (`resolution` across UV [-1, 1]) one frame
+    pixel spans when the mappings map at `scale` (UV = 0.5 * mapping; half: half the frame's
+    longer side in pixels)."""
+    return resolution / 4 * scale / half
+
+
 def layer_placement(lo, hi, scale: float, half: float, allowed, name: str = "layer"):
     """The offset [2] (mapping units) that moves a layer whose points span lo..hi ([2] each,
     mapping units, over the whole video) inside `allowed` ((x0, x1), (y0, y1)), centred on 0
@@ -158,8 +179,38 @@ def layer_placement(lo, hi, scale: float, half: float, allowed, name: str = "lay
             offset[axis] = (a0 + a1 - lo[axis] - hi[axis]) / 2
             warnings.warn(f"{name} spans {float(hi[axis] - lo[axis]) * half / scale:.0f} px along {'xy'[axis]} "
                           f"over the video, more than its atlas holds at uv_mapping_scale={scale} "
-                          f"({(a1 - a0) * half / scale:.0f} px); lower uv_mapping_scale to keep its edges sharp")
+                          f"({(a1 - a0) * half / scale:.0f} px); set uv_mapping_fit=true (or lower uv_mapping_scale) to "
+                          "keep its edges sharp")
     return offset
+
+
+def fit_scale(nla: NLAModel, extents: dict, ranges: dict, cfg: dict, scale: float, half: float) -> float:
+    """uv_mapping_fit: both grid mappings map at a smaller scale, so that every layer (extents
+    [name] = (lo, hi) at `scale`, shrunk in place) fits its share of the atlas (ranges). One line
+    says so, and a warning when a frame pixel then spans less than one of the atlas's finest
+    texels. Returns the scale."""
+    factor, name, axis = fitting_scale(extents, ranges)
+    if factor >= 1:
+        return scale
+    fitted = scale * factor
+    lo, hi = extents[name]
+    room = ranges[name][axis][1] - ranges[name][axis][0]
+    print(f"{name.split('_')[1]} spans {float(hi[axis] - lo[axis]) * half / scale:.0f} px along {'xy'[axis]} over "
+          f"the video, more than its share of the atlas holds at uv_mapping_scale={scale:g} "
+          f"({room * half / scale:.0f} px): mapping at {fitted:.3f} to hold it (uv_mapping_fit=false keeps {scale:g})")
+    texels = texels_per_pixel(cfg["grid_max_resolution"], fitted, half)
+    if texels < 1:
+        needed = cfg["grid_max_resolution"]
+        while texels_per_pixel(needed, fitted, half) < 1:
+            needed *= 2
+        warnings.warn(f"at uv_mapping_scale={fitted:.3f} a frame pixel spans {texels:.2f} of the atlas's finest "
+                      f"texels, so the atlas blurs its detail; grid_max_resolution={needed} keeps one per pixel")
+    for lo, hi in extents.values():
+        lo.mul_(factor)
+        hi.mul_(factor)
+    for net in (nla.mapping_foreground, nla.mapping_background):
+        net.scale = net.config["scale"] = fitted
+    return fitted
 
 
 def pretrain_mappings(nla: NLAModel, data: VideoData, cfg: dict, sampler_rng: torch.Generator, device):
@@ -198,6 +249,8 @@ def pretrain_mappings(nla: NLAModel, data: VideoData, cfg: dict, sampler_rng: to
     if layers:  # one split of the atlas for both layers, across the direction they extend least in
         ranges = layer_ranges(torch.stack([lo for _, lo, _ in layers.values()]).amin(dim=0),
                               torch.stack([hi for _, _, hi in layers.values()]).amax(dim=0))
+        if cfg["uv_mapping_fit"]:  # a layer larger than its share (a long pan): every layer maps smaller
+            s = fit_scale(nla, {name: (lo, hi) for name, (_, lo, hi) in layers.items()}, ranges, cfg, s, half)
     for name, (displacement, lo, hi) in layers.items():
         net = getattr(nla, name)
         place = layer_placement(lo, hi, s, half, ranges[name], name.split("_")[1])

@@ -70,7 +70,7 @@ def step_losses(nla: NLAModel, data: VideoData, cfg: dict, it: int, sample):
     n, T, device = t.shape[0], data.T, t.device
     tf, yf, xf = t.float(), y.float(), x.float()
     half = max(data.W, data.H) / 2
-    s = cfg["uv_mapping_scale"]
+    s = getattr(nla.mapping_foreground, "scale", cfg["uv_mapping_scale"])  # a grid mapping's own: uv_mapping_fit
     d = cfg["derivative_amount"]
     global_rigidity = it < cfg["stop_global_rigidity"]
     blocks = PointBlocks(n, spaced_rigidity=d != 1, global_rigidity=global_rigidity)
