@@ -147,13 +147,13 @@ def fitting_scale(extents: dict, ranges: dict):
     """(factor, layer, axis): the largest factor <= 1 by which shrinking every layer (extents
     [name] = (lo, hi), its extent over the video in mapping units, scales with it) fits each in
     its share of the atlas (`ranges`, as LAYER_RANGES) along both axes, with 0.1% to spare, and
-    the layer and axis that set it (None, None when every layer fits as it is)."""
+    the layer and axis that set it; (1.0, None, None) when every layer fits as it is."""
     best = (1.0, None, None)
     for name, (lo, hi) in extents.items():
         for axis, (a0, a1) in enumerate(ranges[name]):
-            factor = 0.999 * (a1 - a0) / max(float(hi[axis] - lo[axis]), 1e-9)
-            if factor < best[0]:
-                best = (factor, name, axis)
+            extent = float(hi[axis] - lo[axis])
+            if extent > a1 - a0 and 0.999 * (a1 - a0) / extent < best[0]:
+                best = (0.999 * (a1 - a0) / extent, name, axis)
     return best
 
 
@@ -186,9 +186,9 @@ def layer_placement(lo, hi, scale: float, half: float, allowed, name: str = "lay
 
 def fit_scale(nla: NLAModel, extents: dict, ranges: dict, cfg: dict, scale: float, half: float) -> float:
     """uv_mapping_fit: both grid mappings map at a smaller scale, so that every layer (extents
-    [name] = (lo, hi) at `scale`, shrunk in place) fits its share of the atlas (ranges). One line
-    says so, and a warning when a frame pixel then spans less than one of the atlas's finest
-    texels. Returns the scale."""
+    [name] = (lo, hi) at `scale`) fits its share of the atlas (ranges). One line says so, and a
+    warning when a frame pixel then spans less than one of the atlas's finest texels. Returns
+    the scale (`scale` itself when every layer fits)."""
     factor, name, axis = fitting_scale(extents, ranges)
     if factor >= 1:
         return scale
@@ -205,9 +205,6 @@ def fit_scale(nla: NLAModel, extents: dict, ranges: dict, cfg: dict, scale: floa
             needed *= 2
         warnings.warn(f"at uv_mapping_scale={fitted:.3f} a frame pixel spans {texels:.2f} of the atlas's finest "
                       f"texels, so the atlas blurs its detail; grid_max_resolution={needed} keeps one per pixel")
-    for lo, hi in extents.values():
-        lo.mul_(factor)
-        hi.mul_(factor)
     for net in (nla.mapping_foreground, nla.mapping_background):
         net.scale = net.config["scale"] = fitted
     return fitted
@@ -251,9 +248,10 @@ def pretrain_mappings(nla: NLAModel, data: VideoData, cfg: dict, sampler_rng: to
                               torch.stack([hi for _, _, hi in layers.values()]).amax(dim=0))
         if cfg["uv_mapping_fit"]:  # a layer larger than its share (a long pan): every layer maps smaller
             s = fit_scale(nla, {name: (lo, hi) for name, (_, lo, hi) in layers.items()}, ranges, cfg, s, half)
+    shrink = s / cfg["uv_mapping_scale"]  # the extents were measured at the configured scale, and scale with it
     for name, (displacement, lo, hi) in layers.items():
         net = getattr(nla, name)
-        place = layer_placement(lo, hi, s, half, ranges[name], name.split("_")[1])
+        place = layer_placement(lo * shrink, hi * shrink, s, half, ranges[name], name.split("_")[1])
         with torch.no_grad():  # the offsets realise it exactly: mapping = s * p + offset
             offsets = s * displacement / half + place.to(displacement.device)[None, :, None, None]  # [T, 2, Hg, Wg]
             net.offsets.copy_(offsets.transpose(0, 1)[None])
