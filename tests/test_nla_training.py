@@ -112,6 +112,41 @@ def test_default_learning_rates_decay_for_grid_and_stay_constant_for_mlp(backend
         assert [float(group["lr"]) for group in opt.param_groups] == pytest.approx([r * expected for r in base])
 
 
+@pytest.mark.parametrize("fraction", [0.5, 0])
+def test_coarse_to_fine_holds_the_finer_mapping_levels_until_their_step(fraction, synthetic_video, tmp_path):
+    """grid_mapping_coarse_to_fine=0.5 with 3 mapping levels and 40 steps: the coarsest level of
+    both mappings trains from step 0, the middle one from step 10, the finest (the flow's start)
+    from step 20; a held level gets no Adam state at all. 0 (the default): every level trains from
+    step 0. Checked through the training step, as train() calls it."""
+    from datasets.video_data import sample_pixels
+    from training.nla import build_model, prepare_training
+    from util.config import load_config
+    cfg = load_config("nla", overrides=["resx=64", "resy=48", "iters_num=40", "samples_batch=200",
+                                        "grid_mapping_levels=3", f"grid_mapping_coarse_to_fine={fraction}",
+                                        *SMALL_GRIDS])
+    data = VideoData(synthetic_video / "frames", synthetic_video / "masks", cfg, tmp_path, torch.device("cpu"))
+    rng = torch.Generator().manual_seed(0)
+    nla, opt, step = prepare_training(build_model(cfg, data), data, cfg, "cpu", rng)
+    mappings = (nla.mapping_foreground, nla.mapping_background)
+    levels = lambda: [level.detach().clone() for net in mappings for level in (net.offsets, *net.coarse)]  # noqa: E731
+    first_step = [20, 10, 0] * 2 if fraction else [0, 0, 0] * 2  # finest, middle, coarsest; foreground, background
+    for it in range(40):
+        before = levels()
+        step(it, sample_pixels(cfg["samples_batch"], data, rng))
+        moved = [not torch.equal(a, b) for a, b in zip(before, levels())]
+        assert moved == [it >= start for start in first_step], it
+        held = [level for net in mappings for level, start in zip((net.offsets, *net.coarse), first_step[:3])
+                if it < start]
+        assert all(level not in opt.state for level in held)
+
+
+@pytest.mark.parametrize("value", ["-0.1", "1.5"])
+def test_coarse_to_fine_outside_0_to_1_is_refused(value):
+    from util.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match="grid_mapping_coarse_to_fine"):
+        load_config("nla", overrides=[f"grid_mapping_coarse_to_fine={value}"])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 @pytest.mark.parametrize("backend", ["grid", "mlp"])
 def test_cuda_graph_steps_train_like_eager_steps(backend, synthetic_video, tmp_path):
@@ -389,6 +424,38 @@ def test_flow_warp_error_is_small_for_a_consistent_edit(trained, synthetic_video
         assert flow_warp_error(shuffled, forward, forward_ok) > error
 
 
+def test_mapping_distortion_finds_torn_and_mirrored_mappings_and_not_rigid_ones():
+    """mapping_distortion on a known mapping: the scaled identity and a uniform zoom are not torn
+    (stretch 1); a frame whose foreground is mirrored along x is torn wherever the object is, and
+    only there (the mask picks the pixels); fine noise in the offsets tears part of the frame."""
+    from models.nla import GridMapping, NLAModel
+    from training.nla_eval import mapping_distortion
+    T, W, H = 4, 40, 24
+    networks = {"mapping_foreground": GridMapping(W, H, T, cell=4, scale=0.6),
+                "mapping_background": GridMapping(W, H, T, cell=4, scale=0.6),
+                "atlas": torch.nn.Identity(), "alpha": torch.nn.Identity()}
+    nla = NLAModel(W, H, T, networks)
+    masks = torch.zeros(T, H, W)
+    masks[:, 4:16, 8:28] = 1
+    rigid = mapping_distortion(nla, masks)
+    for layer in ("foreground", "background"):
+        assert rigid[layer]["torn_share"] == 0 and rigid[layer]["stretch_median"] == pytest.approx(1, abs=1e-3)
+    fg, half = nla.mapping_foreground, max(W, H) / 2
+    cy, cx = torch.meshgrid(torch.arange(0, H + 3, 4.0), torch.arange(0, W + 3, 4.0), indexing="ij")
+    with torch.no_grad():
+        fg.offsets[0, :, 1] = 0.5 * 0.6 * torch.stack([cx, cy]) / half  # frame 1: a zoom by 1.5, still rigid
+        fg.offsets[0, 0, 2] = -2 * 0.6 * cx / half  # frame 2: x mirrored (u = -s * x)
+    zoomed_mirrored = mapping_distortion(nla, masks)
+    assert zoomed_mirrored["foreground"]["torn_share"] == pytest.approx(0.25, abs=0.02)  # frame 2 of 4
+    assert zoomed_mirrored["background"] == rigid["background"]
+    everywhere = mapping_distortion(nla, None)  # no masks: every pixel counts for both layers
+    assert everywhere["foreground"]["torn_share"] == pytest.approx(0.25, abs=0.02)
+    with torch.no_grad():
+        fg.offsets.zero_()
+        fg.offsets[0, :, 3] = torch.randn(2, *fg.offsets.shape[-2:], generator=torch.Generator().manual_seed(0)) * 0.2
+    assert mapping_distortion(nla, masks)["foreground"]["torn_share"] > 0.1  # at most 0.25: frame 3 of 4
+
+
 @pytest.mark.parametrize("case, message", [("one_frame", "at least 2"), ("mask_count", "masks for"),
                                            ("unreadable", "not a readable image")])
 def test_bad_input(case, message, synthetic_video, tmp_path, capsys):
@@ -507,3 +574,5 @@ def test_bench_prints_null_not_nan_for_the_psnr_of_empty_masks(synthetic_video, 
         raise ValueError(f"{constant} is not strict JSON")
     result = json.loads(line, parse_constant=refuse)
     assert result["psnr_object_db"] is None and result["psnr_background_db"] > 0 and result["steps"] >= 1
+    # no object pixels: the foreground's stretch has no median; the background's tears are a share
+    assert result["foreground_stretch_median"] is None and 0 <= result["background_torn_share"] <= 1

@@ -5,7 +5,7 @@ restoring its saved state into a run with other settings (load_optimizer_state).
 
 import torch
 
-from models.nla import GridAtlas, NLAModel
+from models.nla import GridAtlas, GridMapping, NLAModel
 
 GRID_LR_DECAY = 0.1  # lr_decay for the grid backend when the key is null (README: +0.45-0.95 dB at 20000 steps)
 
@@ -64,3 +64,22 @@ def set_learning_rates(opt: torch.optim.Optimizer, cfg: dict, it: int):
             group["lr"].fill_(group["base_lr"] * factor)
         else:
             group["lr"] = group["base_lr"] * factor
+
+
+def held_mapping_levels(nla: NLAModel, cfg: dict, it: int) -> list[torch.nn.Parameter]:
+    """The grid mappings' offset levels that do not train at step it (grid_mapping_coarse_to_fine = f):
+    with L levels, the coarsest trains from step 0 and level i (0 the finest) from
+    f * iters_num * (L - 1 - i) / (L - 1), so the finest is held at its start (the flow's
+    motion, pretrain_mappings) until f of the schedule: the atlas forms under smooth mappings
+    before the fine offsets can bend them to fit it. f = 0 (the default): none is held."""
+    fraction = cfg.get("grid_mapping_coarse_to_fine") or 0.0
+    held = []
+    for net in (nla.mapping_foreground, nla.mapping_background):
+        if not isinstance(net, GridMapping) or fraction == 0:
+            continue
+        levels = [net.offsets, *net.coarse]  # finest first
+        last = len(levels) - 1
+        for i, level in enumerate(levels[:last]):  # the coarsest always trains
+            if it < fraction * cfg["iters_num"] * (last - i) / last:
+                held.append(level)
+    return held

@@ -15,7 +15,7 @@ import torch
 from datasets.video_data import VideoData
 from losses import nla as L
 from models.nla import NLAModel
-from training.nla_optim import set_learning_rates
+from training.nla_optim import held_mapping_levels, set_learning_rates
 
 
 class PointBlocks:
@@ -156,7 +156,8 @@ class TrainingStep:
     step(it, sample) -> ({name: loss}, batch mse), whose tensors stay valid until the next call.
 
     With use_graph (a CUDA device), the step is captured as a CUDA graph once per phase of the
-    schedule (global rigidity on or off, mask bootstrapping on or off) and replayed. A grid
+    schedule (global rigidity on or off, mask bootstrapping on or off, how many mapping levels
+    grid_mapping_coarse_to_fine holds) and replayed. A grid
     step is hundreds of small kernels, so an eager GPU step is bound by launching them; a
     replay launches them all at once. The sampled pixels are drawn eagerly and copied into the
     graph's inputs, so both paths train on the same samples. The optimizer must be capturable
@@ -176,12 +177,20 @@ class TrainingStep:
 
     def phase(self, it: int):
         return (it < self.cfg["stop_global_rigidity"],
-                self.data.masks is not None and it < self.cfg["stop_bootstrapping_iteration"])
+                self.data.masks is not None and it < self.cfg["stop_bootstrapping_iteration"],
+                len(held_mapping_levels(self.nla, self.cfg, it)))
+
+    def backward(self, it: int, total):
+        """Gradients of every parameter that trains at step it: a mapping level held by
+        grid_mapping_coarse_to_fine gets none, so Adam skips it (its moments included)."""
+        self.opt.zero_grad(set_to_none=True)
+        total.backward()
+        for level in held_mapping_levels(self.nla, self.cfg, it):
+            level.grad = None
 
     def eager(self, it: int, sample):
         total, terms, mse = step_losses(self.nla, self.data, self.cfg, it, sample)
-        self.opt.zero_grad(set_to_none=True)
-        total.backward()
+        self.backward(it, total)
         self.opt.step()
         return terms, mse
 
@@ -217,7 +226,7 @@ class TrainingStep:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=self.stream):
             total, terms, mse = step_losses(self.nla, self.data, self.cfg, it, self.inputs)
-            total.backward()
+            self.backward(it, total)
             self.opt.step()
         self.graph, self.graph_phase, self.outputs, self.warmed = graph, phase, (terms, mse), 0
 
