@@ -6,9 +6,9 @@ Trains with the configured settings (configs/nla_config.yaml + overrides) until 
 spent, then prints one JSON line: wall time, steps, reconstruction PSNR over all frames and, with
 masks, inside them (psnr_object_db) and outside them (psnr_background_db), and the flow warp
 error of a checkerboard edit mapped through the atlases to the frames, between consecutive
-frames and between frames 4 apart (drift), with the input video's own for scale, and where each
-mapping tears its layer (training.nla_eval.mapping_distortion: the foreground on the object, the
-background off it). Values that are not finite (the PSNR on an empty mask) are written as null.
+frames and between frames 4 apart (drift), with the input video's own for scale, and how much of
+its layer each mapping folds over (training.nla_eval.mapping_distortion: the foreground on the
+object, the background off it). Values that are not finite (the PSNR on an empty mask) are written as null.
 """
 
 import argparse
@@ -116,9 +116,9 @@ def main(argv=None):
             result["checkerboard_flow_warp_error_4_apart"] = round(
                 flow_warp_error(checkers, far["forward"], far["forward_ok"]), 4)
             result["input_flow_warp_error_4_apart"] = round(flow_warp_error(frames, far["forward"], far["forward_ok"]), 4)
-        # tears: how much of each layer its mapping folds or stretches 4x more one way than the other
+        # how much of each layer its mapping folds over (mirrors), and how far it stretches it
         for layer, distortion in mapping_distortion(nla, data.masks, cfg["uv_mapping_scale"]).items():
-            result[f"{layer}_torn_share"] = round(distortion["torn_share"], 4)
+            result[f"{layer}_fold_share"] = round(distortion["fold_share"], 4)
             result[f"{layer}_stretch_median"] = round(distortion["stretch_median"], 3)
         if data.masks is not None:  # where the error is: on the object or around it
             result["psnr_object_db"] = round(psnrs["object"], 2)

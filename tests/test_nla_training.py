@@ -31,6 +31,12 @@ def test_losses_are_zero_in_their_ideal_case_and_positive_otherwise():
     ident = lambda q: s * q
     zero = L.rigidity_loss(ident(p), ident(p + torch.tensor([h, 0])), ident(p + torch.tensor([0, h])), h, s)
     assert abs(float(zero)) < 1e-5
+    assert float(L.fold_loss(ident(p), ident(p + torch.tensor([h, 0])), ident(p + torch.tensor([0, h])), h, s)) == 0
+    mirror = lambda q: s * torch.stack([-q[:, 0], q[:, 1]], -1)  # rigid by J^T J, but folded: det J = -1
+    assert abs(float(L.rigidity_loss(mirror(p), mirror(p + torch.tensor([h, 0])), mirror(p + torch.tensor([0, h])),
+                                     h, s))) < 1e-5
+    assert float(L.fold_loss(mirror(p), mirror(p + torch.tensor([h, 0])), mirror(p + torch.tensor([0, h])),
+                             h, s)) == pytest.approx(1.1)
     shear = lambda q: s * torch.stack([q[:, 0] + 0.5 * q[:, 1], q[:, 1]], -1)
     assert L.rigidity_loss(shear(p), shear(p + torch.tensor([h, 0])), shear(p + torch.tensor([0, h])), h, s) > 0.1
     uv = torch.rand(50, 2)
@@ -287,7 +293,7 @@ def test_step_losses_match_the_losses_evaluated_block_by_block(backend, syntheti
     from training.nla_step import step_losses
     from util.config import load_config
     cfg = load_config("nla", overrides=["resx=64", "resy=48", "samples_batch=300", f"atlas_backend={backend}",
-                                        "flow_gaps=[1,2]",
+                                        "flow_gaps=[1,2]", "fold_coeff=3",
                                         "derivative_amount=2", "global_rigidity_derivative_amount_fg=30",
                                         "global_rigidity_derivative_amount_bg=20", *SMALL_GRIDS, *SMALL_NETS])
     data = VideoData(synthetic_video / "frames", synthetic_video / "masks", cfg, tmp_path, torch.device("cpu"))
@@ -315,6 +321,11 @@ def test_step_losses_match_the_losses_evaluated_block_by_block(backend, syntheti
         m = lambda out, layer: 2 * out[layer] - 1 if layer == "uv_fg" else 2 * out[layer] + 1  # noqa: E731
         rigidity = sum(L.rigidity_loss(m(here, k), m(at(dx=2), k), m(at(dy=2), k), 2 / half, s) for k in ("uv_fg", "uv_bg"))
         assert torch.allclose(terms["rigidity"], rigidity, rtol=1e-4)
+        folds = 0
+        for k in ("uv_fg", "uv_bg"):  # det of the Jacobian in atlas pixels per frame pixel, 2-px differences
+            jx, jy = ((m(moved, k) - m(here, k)) * half / (2 * s) for moved in (at(dx=2), at(dy=2)))
+            folds = folds + (0.1 - (jx[:, 0] * jy[:, 1] - jx[:, 1] * jy[:, 0])).clamp(min=0).mean()
+        assert float(folds) > 0 and torch.allclose(terms["fold"], 3 * folds, rtol=1e-4)
         assert ("global_rigidity_fg" in terms) == (it == 0)
         if it == 0:
             for key, amount, coeff in (("uv_fg", 30, 5.0), ("uv_bg", 20, 50.0)):
@@ -342,6 +353,7 @@ def test_step_losses_match_the_losses_evaluated_block_by_block(backend, syntheti
         assert torch.allclose(terms["alpha_flow"], 49 * alpha_sum / checked_sum, rtol=1e-4)
         assert torch.allclose(terms["sparsity"], 1000 * L.sparsity_loss(here["alpha"], here["fg"]))
         assert float(terms["rgb"]) > 0 and float(terms["rigidity"]) > 0 and float(terms["flow"]) > 0
+    assert "fold" not in step_losses(nla, data, {**cfg, "fold_coeff": 0}, 0, (t, y, x, g))[1]  # the default: no term
 
 
 def test_training_reconstructs_the_video_and_writes_outputs(trained, synthetic_video):
@@ -424,10 +436,10 @@ def test_flow_warp_error_is_small_for_a_consistent_edit(trained, synthetic_video
         assert flow_warp_error(shuffled, forward, forward_ok) > error
 
 
-def test_mapping_distortion_finds_torn_and_mirrored_mappings_and_not_rigid_ones():
-    """mapping_distortion on a known mapping: the scaled identity and a uniform zoom are not torn
-    (stretch 1); a frame whose foreground is mirrored along x is torn wherever the object is, and
-    only there (the mask picks the pixels); fine noise in the offsets tears part of the frame."""
+def test_mapping_distortion_finds_folded_and_mirrored_mappings_and_not_rigid_ones():
+    """mapping_distortion on a known mapping: the scaled identity and a uniform zoom are not
+    folded (stretch 1); a frame whose foreground is mirrored along x is folded wherever the object
+    is, and only there (the mask picks the pixels); fine noise in the offsets folds part of a frame."""
     from models.nla import GridMapping, NLAModel
     from training.nla_eval import mapping_distortion
     T, W, H = 4, 40, 24
@@ -439,21 +451,21 @@ def test_mapping_distortion_finds_torn_and_mirrored_mappings_and_not_rigid_ones(
     masks[:, 4:16, 8:28] = 1
     rigid = mapping_distortion(nla, masks)
     for layer in ("foreground", "background"):
-        assert rigid[layer]["torn_share"] == 0 and rigid[layer]["stretch_median"] == pytest.approx(1, abs=1e-3)
+        assert rigid[layer]["fold_share"] == 0 and rigid[layer]["stretch_median"] == pytest.approx(1, abs=1e-3)
     fg, half = nla.mapping_foreground, max(W, H) / 2
     cy, cx = torch.meshgrid(torch.arange(0, H + 3, 4.0), torch.arange(0, W + 3, 4.0), indexing="ij")
     with torch.no_grad():
         fg.offsets[0, :, 1] = 0.5 * 0.6 * torch.stack([cx, cy]) / half  # frame 1: a zoom by 1.5, still rigid
         fg.offsets[0, 0, 2] = -2 * 0.6 * cx / half  # frame 2: x mirrored (u = -s * x)
     zoomed_mirrored = mapping_distortion(nla, masks)
-    assert zoomed_mirrored["foreground"]["torn_share"] == pytest.approx(0.25, abs=0.02)  # frame 2 of 4
+    assert zoomed_mirrored["foreground"]["fold_share"] == pytest.approx(0.25, abs=0.02)  # frame 2 of 4
     assert zoomed_mirrored["background"] == rigid["background"]
     everywhere = mapping_distortion(nla, None)  # no masks: every pixel counts for both layers
-    assert everywhere["foreground"]["torn_share"] == pytest.approx(0.25, abs=0.02)
+    assert everywhere["foreground"]["fold_share"] == pytest.approx(0.25, abs=0.02)
     with torch.no_grad():
         fg.offsets.zero_()
         fg.offsets[0, :, 3] = torch.randn(2, *fg.offsets.shape[-2:], generator=torch.Generator().manual_seed(0)) * 0.2
-    assert mapping_distortion(nla, masks)["foreground"]["torn_share"] > 0.1  # at most 0.25: frame 3 of 4
+    assert mapping_distortion(nla, masks)["foreground"]["fold_share"] > 0.05  # at most 0.25: frame 3 of 4
 
 
 @pytest.mark.parametrize("case, message", [("one_frame", "at least 2"), ("mask_count", "masks for"),
@@ -574,5 +586,5 @@ def test_bench_prints_null_not_nan_for_the_psnr_of_empty_masks(synthetic_video, 
         raise ValueError(f"{constant} is not strict JSON")
     result = json.loads(line, parse_constant=refuse)
     assert result["psnr_object_db"] is None and result["psnr_background_db"] > 0 and result["steps"] >= 1
-    # no object pixels: the foreground's stretch has no median; the background's tears are a share
-    assert result["foreground_stretch_median"] is None and 0 <= result["background_torn_share"] <= 1
+    # no object pixels: the foreground's stretch has no median; the background's folds are a share
+    assert result["foreground_stretch_median"] is None and 0 <= result["background_fold_share"] <= 1

@@ -142,16 +142,16 @@ def flow_warp_error(video, forward, forward_ok) -> float:
 
 
 @torch.no_grad()
-def mapping_distortion(nla: NLAModel, masks=None, uv_mapping_scale: float = 0.8, fold_stretch: float = 4.0) -> dict:
-    """How far each mapping is from a rigid motion where its layer is seen: per pixel, the
-    Jacobian J of the mapping (1-px differences, in atlas pixels per frame pixel: the scaled
-    identity at the mapping's scale is J = I) over every frame, on the object (mask >= 0.5)
-    for the foreground and off it for the background (everywhere without masks). Returns, per
-    layer, torn_share: the share of those pixels where J folds the frame (det J <= 0) or stretches
-    it more than fold_stretch times in one direction than the other (a tear: neighbouring pixels
-    sent to far-apart or flipped atlas points; the checkerboard breaks into speckles there); and
-    stretch_median: the median ratio of J's singular values (1: no shear or anisotropy).
-    Frame by frame, so nothing grows with the clip beyond one frame's points."""
+def mapping_distortion(nla: NLAModel, masks=None, uv_mapping_scale: float = 0.8) -> dict:
+    """Where each mapping folds its layer over: per pixel, the Jacobian J of the mapping (1-px
+    differences, in atlas pixels per frame pixel: the scaled identity at the mapping's scale is
+    J = I) over every frame, on the object (mask >= 0.5) for the foreground and off it for the
+    background (everywhere without masks). Returns, per layer, fold_share: the share of those
+    pixels where det J <= 0, i.e. where the mapping mirrors the frame or folds it over, so
+    neighbouring pixels land on flipped atlas points (an edit painted there comes back mirrored
+    or scrambled; the checkerboard breaks into speckles); and stretch_median: the median ratio
+    of J's singular values (1 for a rigid motion; a surface seen at a slant is stretched
+    legitimately). Frame by frame: nothing is held beyond one frame's points."""
     device = next(nla.parameters()).device
     half = max(nla.resx, nla.resy) / 2
     ys, xs = torch.meshgrid(torch.arange(nla.resy, device=device, dtype=torch.float32),
@@ -161,27 +161,24 @@ def mapping_distortion(nla: NLAModel, masks=None, uv_mapping_scale: float = 0.8,
     result = {}
     for name, (mapping, on_object) in layers.items():
         scale = getattr(mapping, "scale", uv_mapping_scale)  # a grid mapping's own (uv_mapping_fit); the MLPs' the config's
-        torn, ratios = 0, []
+        folded, ratios = 0, []
         for t in range(nla.n_frames):
             ts = torch.full_like(xs, t)
             m, m_dx, m_dy = (mapping(nla.normalize(x, y, ts)).float()
                              for x, y in ((xs, ys), (xs + 1, ys), (xs, ys + 1)))  # [HW, 2] each
             j = torch.stack([m_dx - m, m_dy - m], dim=-1) * half / scale  # [HW, 2, 2]: columns d/dx, d/dy
-            keep = torch.ones_like(xs, dtype=torch.bool)
             if masks is not None:
                 on = masks[t].to(device).flatten() >= 0.5
-                keep = on if on_object else ~on
-            j = j[keep]
+                j = j[on if on_object else ~on]
             det = j[:, 0, 0] * j[:, 1, 1] - j[:, 0, 1] * j[:, 1, 0]
             # singular values of a 2x2: sqrt((|J|_F^2 +- sqrt(|J|_F^4 - 4 det^2)) / 2)
             frob2 = (j ** 2).sum(dim=(1, 2))
             root = (frob2 ** 2 - 4 * det ** 2).clamp(min=0).sqrt()
             high, low = ((frob2 + root) / 2).sqrt(), ((frob2 - root) / 2).clamp(min=0).sqrt()
-            ratio = high / low.clamp(min=1e-9)
-            torn += int(((det <= 0) | (ratio > fold_stretch)).sum())
-            ratios.append(ratio.cpu())
+            folded += int((det <= 0).sum())
+            ratios.append((high / low.clamp(min=1e-9)).cpu())
         ratios = torch.cat(ratios)
-        result[name] = {"torn_share": torn / max(len(ratios), 1),
+        result[name] = {"fold_share": folded / max(len(ratios), 1),
                         "stretch_median": float(ratios.median()) if len(ratios) else float("nan")}
     return result
 
