@@ -44,18 +44,6 @@ def rigidity_loss(m, m_dx, m_dy, step_normalized, uv_mapping_scale: float, eps: 
     return (value - ideal).mean() if reduce else value - ideal
 
 
-def fold_loss(m, m_dx, m_dy, step_normalized, uv_mapping_scale: float, margin: float = 0.1, reduce: bool = True):
-    """max(0, margin - det J): a mapping that folds the frame over (det J <= 0, J as in
-    rigidity_loss, 1 for the scaled identity) costs in proportion to how far it is folded.
-    rigidity_loss sees only J^T J, which a mirror leaves unchanged, so it lets a mapping flip
-    regions of the frame at no cost; this term does not. reduce=False gives [N]."""
-    j_x = (m_dx - m) / (step_normalized * uv_mapping_scale)  # [N, 2]
-    j_y = (m_dy - m) / (step_normalized * uv_mapping_scale)
-    det = j_x[:, 0] * j_y[:, 1] - j_x[:, 1] * j_y[:, 0]  # [N]
-    value = (margin - det).clamp(min=0)
-    return value.mean() if reduce else value
-
-
 def flow_loss(uv, uv_next, weight, pixels_per_uv: float):
     """Atlas positions of flow-corresponding points coincide, in pixels, weighted by layer opacity."""
     distance = (uv - uv_next).norm(dim=-1, keepdim=True) * pixels_per_uv  # [N, 1]

@@ -128,11 +128,6 @@ def step_losses(nla: NLAModel, data: VideoData, cfg: dict, it: int, sample):
                              steps, s, reduce=False).view(len(groups), n).mean(dim=1)
     for (name, _, _, _, coeff), value in zip(groups, values):
         terms[name] = terms[name] + coeff * value if name in terms else coeff * value
-    if cfg["fold_coeff"]:  # neither mapping folds the frame over where the local rigidity looks
-        dx, dy = local
-        step_local = d / half
-        terms["fold"] = cfg["fold_coeff"] * (L.fold_loss(m_f[sample], m_f[dx], m_f[dy], step_local, s)
-                                             + L.fold_loss(m_b[sample], m_b[dx], m_b[dy], step_local, s))
 
     # optical flow: each layer's atlas positions of the sample and its flow partners coincide
     # (weighted by that layer's opacity), and so do the opacities; means over checked pairs

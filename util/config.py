@@ -138,7 +138,6 @@ NLA_RULES = {
     "grid_mapping_cell_foreground": dict(type="int", min=1, nullable=True),
     "grid_mapping_coarse_to_fine": dict(type="float", min=0.0, max=1.0),
     "derivative_amount": dict(type="int", min=1),
-    "fold_coeff": dict(type="float", min=0.0),
     "pretrain_iter_number": dict(type="int", min=0),
     "uv_mapping_scale": dict(type="float", min=0.05, max=1.0),
     "evaluate_every": dict(type="int", min=1),
