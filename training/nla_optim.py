@@ -74,8 +74,10 @@ def held_mapping_levels(nla: NLAModel, cfg: dict, it: int) -> list[torch.nn.Para
     before the fine offsets can bend them to fit it. f = 0 (the default): none is held."""
     fraction = cfg.get("grid_mapping_coarse_to_fine") or 0.0
     held = []
+    if fraction == 0:
+        return held
     for net in (nla.mapping_foreground, nla.mapping_background):
-        if not isinstance(net, GridMapping) or fraction == 0:
+        if not isinstance(net, GridMapping):
             continue
         levels = [net.offsets, *net.coarse]  # finest first
         last = len(levels) - 1
