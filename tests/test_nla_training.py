@@ -116,14 +116,25 @@ def test_default_learning_rates_decay_for_grid_and_stay_constant_for_mlp(backend
 
 
 @pytest.mark.parametrize("fraction", [0.5, 0])
-def test_coarse_to_fine_holds_the_finer_mapping_levels_until_their_step(fraction, synthetic_video, tmp_path):
+def test_coarse_to_fine_holds_the_finer_mapping_levels_until_their_step(fraction, synthetic_video, tmp_path,
+                                                                        monkeypatch):
     """grid_mapping_coarse_to_fine=0.5 with 3 mapping levels and 40 steps: the coarsest level of
     both mappings trains from step 0, the middle one from step 10, the finest (the flow's start)
-    from step 20; a held level gets no Adam state at all. 0 (the default): every level trains from
+    from step 20; a held level is outside autograd while the losses are computed (no gradient is
+    computed for it) and gets no Adam state at all. 0 (the default): every level trains from
     step 0. Checked through the training step, as train() calls it."""
     from datasets.video_data import sample_pixels
+    from training import nla_step
     from training.nla import build_model, prepare_training
     from util.config import load_config
+    tracked = []  # per call of the losses: which levels autograd tracks
+
+    def recording_step_losses(nla, *args):
+        nets = (nla.mapping_foreground, nla.mapping_background)
+        tracked.append([level.requires_grad for net in nets for level in (net.offsets, *net.coarse)])
+        return step_losses(nla, *args)
+    step_losses = nla_step.step_losses
+    monkeypatch.setattr(nla_step, "step_losses", recording_step_losses)
     cfg = load_config("nla", overrides=["resx=64", "resy=48", "iters_num=40", "samples_batch=200",
                                         "grid_mapping_levels=3", f"grid_mapping_coarse_to_fine={fraction}",
                                         *SMALL_GRIDS])
@@ -138,9 +149,47 @@ def test_coarse_to_fine_holds_the_finer_mapping_levels_until_their_step(fraction
         step(it, sample_pixels(cfg["samples_batch"], data, rng))
         moved = [not torch.equal(a, b) for a, b in zip(before, levels())]
         assert moved == [it >= start for start in first_step], it
+        assert tracked[-1] == moved, it
+        assert all(level.requires_grad for net in mappings for level in (net.offsets, *net.coarse))
         held = [level for net in mappings for level, start in zip((net.offsets, *net.coarse), first_step[:3])
                 if it < start]
         assert all(level not in opt.state for level in held)
+
+
+def test_coarse_to_fine_resumes_from_a_checkpoint_saved_while_levels_are_held(synthetic_video, tmp_path):
+    """A run stopped at step 10 (the finest and middle levels held, so Adam has no state for them)
+    and resumed: the saved optimizer state loads, the finest level stays as it was until its step
+    (20) and trains after it, and each checkpoint's optimizer state covers exactly the levels that
+    had trained by then."""
+    from training.nla import OPTIMIZER_FILE, train
+    from util.config import load_config
+    cfg = load_config("nla", overrides=["resx=64", "resy=48", "iters_num=40", "samples_batch=200",
+                                        "evaluate_every=10", "pretrain_iter_number=5", "device=cpu",
+                                        "grid_mapping_levels=3", "grid_mapping_coarse_to_fine=0.5", *SMALL_GRIDS])
+    out = tmp_path / "atlas"
+
+    def stop_at(iteration):
+        return lambda done, total, preview: done < iteration
+
+    def saved():
+        model = torch.load(out / "checkpoint", weights_only=False)
+        adam = torch.load(out / OPTIMIZER_FILE, weights_only=False)["optimizer_state_dict"]
+        levels = [model[key][name].clone() for key in ("model_F_mapping1_state_dict", "model_F_mapping2_state_dict")
+                  for name in ("offsets", "coarse.0", "coarse.1")]  # finest, middle, coarsest
+        return model["iteration"], levels, len(adam["state"]), sum(len(g["params"]) for g in adam["param_groups"])
+
+    train(cfg, synthetic_video / "frames", synthetic_video / "masks", out, progress=stop_at(10))
+    it10, levels10, with_state10, params = saved()
+    assert it10 == 10 and with_state10 == params - 4  # both mappings' finest and middle levels: no state yet
+    train(cfg, synthetic_video / "frames", synthetic_video / "masks", out, progress=stop_at(20))
+    it20, levels20, with_state20, _ = saved()
+    assert it20 == 20 and with_state20 == params - 2  # the middle levels trained from step 10
+    for i, (a, b) in enumerate(zip(levels10, levels20)):
+        assert torch.equal(a, b) == (i % 3 == 0), i  # only the finest (held until step 20) is unchanged
+    train(cfg, synthetic_video / "frames", synthetic_video / "masks", out)
+    it40, levels40, with_state40, _ = saved()
+    assert it40 == 40 and with_state40 == params
+    assert not torch.equal(levels20[0], levels40[0]) and not torch.equal(levels20[3], levels40[3])
 
 
 @pytest.mark.parametrize("value", ["-0.1", "1.5"])

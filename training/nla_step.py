@@ -180,17 +180,25 @@ class TrainingStep:
                 self.data.masks is not None and it < self.cfg["stop_bootstrapping_iteration"],
                 len(held_mapping_levels(self.nla, self.cfg, it)))
 
-    def backward(self, it: int, total):
-        """Gradients of every parameter that trains at step it: a mapping level held by
-        grid_mapping_coarse_to_fine gets none, so Adam skips it (its moments included)."""
-        self.opt.zero_grad(set_to_none=True)
-        total.backward()
-        for level in held_mapping_levels(self.nla, self.cfg, it):
-            level.grad = None
+    def losses_and_gradients(self, it: int, sample):
+        """The step's losses and the gradients of every parameter that trains at step it. A
+        mapping level held by grid_mapping_coarse_to_fine is left out of autograd for the step, so
+        its gradient (a scatter into the whole level) is never computed and Adam skips it, its
+        moments included."""
+        held = held_mapping_levels(self.nla, self.cfg, it)
+        for level in held:
+            level.requires_grad_(False)
+        try:
+            total, terms, mse = step_losses(self.nla, self.data, self.cfg, it, sample)
+            self.opt.zero_grad(set_to_none=True)
+            total.backward()
+        finally:
+            for level in held:
+                level.requires_grad_(True)
+        return terms, mse
 
     def eager(self, it: int, sample):
-        total, terms, mse = step_losses(self.nla, self.data, self.cfg, it, sample)
-        self.backward(it, total)
+        terms, mse = self.losses_and_gradients(it, sample)
         self.opt.step()
         return terms, mse
 
@@ -225,8 +233,7 @@ class TrainingStep:
         self.inputs = [s.clone() for s in sample]
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=self.stream):
-            total, terms, mse = step_losses(self.nla, self.data, self.cfg, it, self.inputs)
-            self.backward(it, total)
+            terms, mse = self.losses_and_gradients(it, self.inputs)
             self.opt.step()
         self.graph, self.graph_phase, self.outputs, self.warmed = graph, phase, (terms, mse), 0
 
