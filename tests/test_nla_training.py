@@ -115,14 +115,15 @@ def test_default_learning_rates_decay_for_grid_and_stay_constant_for_mlp(backend
         assert [float(group["lr"]) for group in opt.param_groups] == pytest.approx([r * expected for r in base])
 
 
-@pytest.mark.parametrize("fraction", [0.5, 0])
-def test_coarse_to_fine_holds_the_finer_mapping_levels_until_their_step(fraction, synthetic_video, tmp_path,
+@pytest.mark.parametrize("fraction, layers", [(0.5, "both"), (0.5, "foreground"), (0.5, "background"), (0, "both")])
+def test_coarse_to_fine_holds_the_finer_mapping_levels_until_their_step(fraction, layers, synthetic_video, tmp_path,
                                                                         monkeypatch):
     """grid_mapping_coarse_to_fine=0.5 with 3 mapping levels and 40 steps: the coarsest level of
-    both mappings trains from step 0, the middle one from step 10, the finest (the flow's start)
-    from step 20; a held level is outside autograd while the losses are computed (no gradient is
-    computed for it) and gets no Adam state at all. 0 (the default): every level trains from
-    step 0. Checked through the training step, as train() calls it."""
+    each held mapping (grid_mapping_coarse_to_fine_layers) trains from step 0, the middle one from
+    step 10, the finest (the flow's start) from step 20; a held level is outside autograd while the
+    losses are computed (no gradient is computed for it) and gets no Adam state at all. The other
+    mapping, and both at 0 (the default): every level trains from step 0. Checked through the
+    training step, as train() calls it."""
     from datasets.video_data import sample_pixels
     from training import nla_step
     from training.nla import build_model, prepare_training
@@ -137,13 +138,15 @@ def test_coarse_to_fine_holds_the_finer_mapping_levels_until_their_step(fraction
     monkeypatch.setattr(nla_step, "step_losses", recording_step_losses)
     cfg = load_config("nla", overrides=["resx=64", "resy=48", "iters_num=40", "samples_batch=200",
                                         "grid_mapping_levels=3", f"grid_mapping_coarse_to_fine={fraction}",
-                                        *SMALL_GRIDS])
+                                        f"grid_mapping_coarse_to_fine_layers={layers}", *SMALL_GRIDS])
     data = VideoData(synthetic_video / "frames", synthetic_video / "masks", cfg, tmp_path, torch.device("cpu"))
     rng = torch.Generator().manual_seed(0)
     nla, opt, step = prepare_training(build_model(cfg, data), data, cfg, "cpu", rng)
     mappings = (nla.mapping_foreground, nla.mapping_background)
     levels = lambda: [level.detach().clone() for net in mappings for level in (net.offsets, *net.coarse)]  # noqa: E731
-    first_step = [20, 10, 0] * 2 if fraction else [0, 0, 0] * 2  # finest, middle, coarsest; foreground, background
+    held = {name: fraction and layers in ("both", name) for name in ("foreground", "background")}
+    first_step = [start for name in ("foreground", "background")  # finest, middle, coarsest of each mapping
+                  for start in ([20, 10, 0] if held[name] else [0, 0, 0])]
     for it in range(40):
         before = levels()
         step(it, sample_pixels(cfg["samples_batch"], data, rng))
@@ -151,9 +154,9 @@ def test_coarse_to_fine_holds_the_finer_mapping_levels_until_their_step(fraction
         assert moved == [it >= start for start in first_step], it
         assert tracked[-1] == moved, it
         assert all(level.requires_grad for net in mappings for level in (net.offsets, *net.coarse))
-        held = [level for net in mappings for level, start in zip((net.offsets, *net.coarse), first_step[:3])
-                if it < start]
-        assert all(level not in opt.state for level in held)
+        starts = iter(first_step)
+        waiting = [level for net in mappings for level in (net.offsets, *net.coarse) if it < next(starts)]
+        assert all(level not in opt.state for level in waiting)
 
 
 def test_coarse_to_fine_resumes_from_a_checkpoint_saved_while_levels_are_held(synthetic_video, tmp_path):

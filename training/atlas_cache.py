@@ -30,7 +30,8 @@ FINISHED_FILE = "finished.json"
 NOT_IN_KEY = ("device", "cuda_graph", "evaluate_every", "preview_atlas_resolution", "fps")
 # settings added after atlases were first cached, with the value that trains as before they
 # existed: left out of the key at that value, so an atlas cached earlier is still found with it
-KEY_SINCE = {"sample_object_while_worse": False, "uv_mapping_fit": False, "grid_mapping_coarse_to_fine": 0}
+KEY_SINCE = {"sample_object_while_worse": False, "uv_mapping_fit": False, "grid_mapping_coarse_to_fine": 0,
+             "grid_mapping_coarse_to_fine_layers": "both"}
 # folder names that say nothing about the clip (DAVIS: <clip>/frames, JPEGImages/480p/<clip>)
 GENERIC_FOLDERS = {"frames", "images", "image", "rgb", "jpegimages", "480p", "1080p", "full-resolution"}
 NO_MASKS = ("no masks given: the atlas has a background layer only (the whole frame), so only the background "

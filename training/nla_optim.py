@@ -71,13 +71,15 @@ def held_mapping_levels(nla: NLAModel, cfg: dict, it: int) -> list[torch.nn.Para
     with L levels, the coarsest trains from step 0 and level i (0 the finest) from
     f * iters_num * (L - 1 - i) / (L - 1), so the finest is held at its start (the flow's
     motion, pretrain_mappings) until f of the schedule: the atlas forms under smooth mappings
-    before the fine offsets can bend them to fit it. f = 0 (the default): none is held."""
+    before the fine offsets can bend them to fit it. f = 0 (the default): none is held.
+    grid_mapping_coarse_to_fine_layers picks the mappings it holds (both, foreground, background)."""
     fraction = cfg.get("grid_mapping_coarse_to_fine") or 0.0
     held = []
     if fraction == 0:
         return held
-    for net in (nla.mapping_foreground, nla.mapping_background):
-        if not isinstance(net, GridMapping):
+    layers = cfg.get("grid_mapping_coarse_to_fine_layers", "both")
+    for name, net in (("foreground", nla.mapping_foreground), ("background", nla.mapping_background)):
+        if not isinstance(net, GridMapping) or layers not in ("both", name):
             continue
         levels = [net.offsets, *net.coarse]  # finest first
         last = len(levels) - 1

@@ -137,6 +137,7 @@ NLA_RULES = {
     "grid_alpha_frequencies": dict(type="int", min=0, max=16, nullable=True),
     "grid_mapping_cell_foreground": dict(type="int", min=1, nullable=True),
     "grid_mapping_coarse_to_fine": dict(type="float", min=0.0, max=1.0),
+    "grid_mapping_coarse_to_fine_layers": dict(type="str", choices=["both", "foreground", "background"]),
     "derivative_amount": dict(type="int", min=1),
     "pretrain_iter_number": dict(type="int", min=0),
     "uv_mapping_scale": dict(type="float", min=0.05, max=1.0),
