@@ -195,11 +195,12 @@ def test_coarse_to_fine_resumes_from_a_checkpoint_saved_while_levels_are_held(sy
     assert not torch.equal(levels20[0], levels40[0]) and not torch.equal(levels20[3], levels40[3])
 
 
-@pytest.mark.parametrize("value", ["-0.1", "1.5"])
-def test_coarse_to_fine_outside_0_to_1_is_refused(value):
+@pytest.mark.parametrize("setting", ["grid_mapping_coarse_to_fine=-0.1", "grid_mapping_coarse_to_fine=1.5",
+                                     "grid_mapping_coarse_to_fine_layers=alpha"])
+def test_coarse_to_fine_outside_its_values_is_refused(setting):
     from util.config import ConfigError, load_config
-    with pytest.raises(ConfigError, match="grid_mapping_coarse_to_fine"):
-        load_config("nla", overrides=[f"grid_mapping_coarse_to_fine={value}"])
+    with pytest.raises(ConfigError, match=setting.partition("=")[0]):
+        load_config("nla", overrides=[setting])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
