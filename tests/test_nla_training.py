@@ -128,13 +128,11 @@ def test_coarse_to_fine_holds_the_finer_mapping_levels_until_their_step(fraction
     from training import nla_step
     from training.nla import build_model, prepare_training
     from util.config import load_config
-    tracked = []  # per call of the losses: which levels autograd tracks
+    original_step_losses, tracked = nla_step.step_losses, []  # tracked: per call, which levels autograd tracks
 
     def recording_step_losses(nla, *args):
-        nets = (nla.mapping_foreground, nla.mapping_background)
-        tracked.append([level.requires_grad for net in nets for level in (net.offsets, *net.coarse)])
-        return step_losses(nla, *args)
-    step_losses = nla_step.step_losses
+        tracked.append([level.requires_grad for level in all_levels])
+        return original_step_losses(nla, *args)
     monkeypatch.setattr(nla_step, "step_losses", recording_step_losses)
     cfg = load_config("nla", overrides=["resx=64", "resy=48", "iters_num=40", "samples_batch=200",
                                         "grid_mapping_levels=3", f"grid_mapping_coarse_to_fine={fraction}",
@@ -143,7 +141,8 @@ def test_coarse_to_fine_holds_the_finer_mapping_levels_until_their_step(fraction
     rng = torch.Generator().manual_seed(0)
     nla, opt, step = prepare_training(build_model(cfg, data), data, cfg, "cpu", rng)
     mappings = (nla.mapping_foreground, nla.mapping_background)
-    levels = lambda: [level.detach().clone() for net in mappings for level in (net.offsets, *net.coarse)]  # noqa: E731
+    all_levels = [level for net in mappings for level in (net.offsets, *net.coarse)]  # finest first, fg then bg
+    levels = lambda: [level.detach().clone() for level in all_levels]  # noqa: E731
     held = {name: fraction and layers in ("both", name) for name in ("foreground", "background")}
     first_step = [start for name in ("foreground", "background")  # finest, middle, coarsest of each mapping
                   for start in ([20, 10, 0] if held[name] else [0, 0, 0])]
@@ -153,9 +152,8 @@ def test_coarse_to_fine_holds_the_finer_mapping_levels_until_their_step(fraction
         moved = [not torch.equal(a, b) for a, b in zip(before, levels())]
         assert moved == [it >= start for start in first_step], it
         assert tracked[-1] == moved, it
-        assert all(level.requires_grad for net in mappings for level in (net.offsets, *net.coarse))
-        starts = iter(first_step)
-        waiting = [level for net in mappings for level in (net.offsets, *net.coarse) if it < next(starts)]
+        assert all(level.requires_grad for level in all_levels)
+        waiting = [level for level, start in zip(all_levels, first_step) if it < start]
         assert all(level not in opt.state for level in waiting)
 
 
